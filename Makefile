@@ -1,0 +1,26 @@
+# Two commands do all set-up on a fresh machine (offline apart from the package registry):
+#   make demo   builds .venv, installs the project, runs the end-to-end example on examples/
+#   make test   builds .venv, installs the project with test extras, runs the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO_OUT ?= demo-out
+
+.PHONY: demo test venv bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	OWNER_AGENT_HOME=$(DEMO_OUT)/owner-home $(BIN)/python -m benchmarks.demo_owner --out $(DEMO_OUT)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT)

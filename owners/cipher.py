@@ -1,0 +1,263 @@
+"""Block-wise Encryption-then-Compression (EtC): colour and grayscale-based schemes.
+
+The image is cut into M x M blocks, numbered row-major, and four key-driven steps are applied
+(DESIGN section 2). Every step is indexed by the *output* block position:
+
+1. block scrambling:   output block i is input block ``source[i]``;
+2. rotation and flip:  code t in 0..7, rotate (t mod 4) quarter turns counter-clockwise
+                       (numpy's rot90), then flip left-right when t >= 4;
+3. negative-positive:  when ``negate[i]``, every byte of the block becomes p XOR 255;
+4. colour shuffle:     output channel c is input channel ``CHANNEL_ORDERS[order[i]][c]``
+                       (a true permutation: no channel is ever duplicated).
+
+Colour EtC works on the RGB image (M = 16: one JPEG 4:2:0 MCU per block). Grayscale-based EtC
+(Chuman et al. 2019) converts to YCbCr, stacks the three planes side by side into one
+H x 3W grey image (the *cipher plane*) and applies steps 1-3 with M = 8.
+
+Steps 1, 2 and 4 only move bytes and step 3 is an XOR with 255 on whole blocks, so for a given
+key and geometry the whole cipher compiles into one gather index G and one XOR mask m:
+``enc = plane.reshape(N, -1)[:, G] ^ m``. :func:`encrypt_reference` is the readable per-block
+definition; :class:`BlockCipher` traces an index image through it once and then applies the
+result to whole batches with a compiled, multi-threaded gather.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from owners.keys import KeyStream
+
+SCHEMES = ("color", "gray")
+DEFAULT_BLOCK = {"color": 16, "gray": 8}
+# The 6 orders of (R, G, B); output channel c takes input channel order[c].
+CHANNEL_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+NUM_TRANSFORMS = 8  # 4 rotations x {no flip, flip}
+SCHEDULE_VERSION = "v1"  # part of every key-stream label: changing the derivation bumps it
+
+
+class GeometryError(ValueError):
+    """Image size, block size or scheme do not fit together."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a key is compiled for: image size (pixels), block size (pixels), scheme."""
+
+    height: int
+    width: int
+    block: int
+    scheme: str  # "color" or "gray"
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise GeometryError(f"unknown scheme {self.scheme!r}: choose one of {SCHEMES}")
+        if self.block < 1:
+            raise GeometryError(f"block size must be positive, got {self.block}")
+        for name, size in (("height", self.height), ("width", self.width)):
+            if size < self.block or size % self.block:
+                raise GeometryError(
+                    f"image {name} {size} is not a multiple of the block size {self.block}"
+                )
+
+    @property
+    def plane_shape(self) -> tuple[int, int, int]:
+        """Shape (rows, columns, channels) of the image the block steps act on."""
+        if self.scheme == "color":
+            return (self.height, self.width, 3)
+        return (self.height, 3 * self.width, 1)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        rows, cols, _ = self.plane_shape
+        return rows // self.block, cols // self.block
+
+    @property
+    def num_blocks(self) -> int:
+        rows, cols = self.grid
+        return rows * cols
+
+
+@dataclass(frozen=True)
+class BlockSchedule:
+    """The per-block choices a key makes for one geometry (all indexed by output position)."""
+
+    source: np.ndarray  # int, output block i is input block source[i]
+    transform: np.ndarray  # int in 0..7
+    negate: np.ndarray  # bool
+    channel_order: np.ndarray | None  # int in 0..5 (colour scheme only)
+
+
+def _label(geometry: Geometry, step: str) -> str:
+    g = geometry
+    return f"etc/{SCHEDULE_VERSION}/{g.scheme}/{g.height}x{g.width}/block{g.block}/{step}"
+
+
+def derive_schedule(secret: bytes, geometry: Geometry) -> BlockSchedule:
+    """Derive the block schedule from the secret with an HMAC counter stream (stable forever)."""
+    n = geometry.num_blocks
+
+    def draws(step: str, k: int) -> np.ndarray:
+        stream = KeyStream(secret, _label(geometry, step))
+        return np.array([stream.below(k) for _ in range(n)], dtype=np.int64)
+
+    source = np.array(KeyStream(secret, _label(geometry, "scramble")).permutation(n))
+    schedule = BlockSchedule(
+        source=source,
+        transform=draws("transform", NUM_TRANSFORMS),
+        negate=draws("negate", 2).astype(bool),
+        channel_order=draws("channels", len(CHANNEL_ORDERS)) if geometry.scheme == "color" else None,
+    )
+    for arr in (schedule.source, schedule.transform, schedule.negate, schedule.channel_order):
+        if arr is not None:
+            arr.setflags(write=False)
+    return schedule
+
+
+# --------------------------------------------------------------------------- the definition
+
+
+def split_blocks(plane: np.ndarray, block: int) -> np.ndarray:
+    """(rows, cols, C) -> (num_blocks, block, block, C), blocks in row-major order."""
+    rows, cols, ch = plane.shape
+    grid = plane.reshape(rows // block, block, cols // block, block, ch)
+    return grid.transpose(0, 2, 1, 3, 4).reshape(-1, block, block, ch)
+
+
+def merge_blocks(blocks: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Inverse of :func:`split_blocks`."""
+    n, block, _, ch = blocks.shape
+    rows, cols = grid
+    merged = blocks.reshape(rows, cols, block, block, ch).transpose(0, 2, 1, 3, 4)
+    return merged.reshape(rows * block, cols * block, ch)
+
+
+def transform_block(block: np.ndarray, code: int) -> np.ndarray:
+    """Rotate (code mod 4) quarter turns counter-clockwise, then flip left-right if code >= 4."""
+    out = np.rot90(block, k=code % 4, axes=(0, 1))
+    return out[:, ::-1] if code >= 4 else out
+
+
+def encrypt_reference(
+    plane: np.ndarray, schedule: BlockSchedule, block: int, negate: bool = True
+) -> np.ndarray:
+    """Per-block EtC of one cipher plane (rows, cols, C). Readable and slow: the definition.
+
+    ``negate=False`` skips step 3; used to trace an index image, which must not be XORed.
+    """
+    blocks = split_blocks(plane, block)
+    out = np.empty_like(blocks)
+    for i in range(len(blocks)):
+        b = blocks[schedule.source[i]]  # step 1
+        b = transform_block(b, int(schedule.transform[i]))  # step 2
+        if negate and schedule.negate[i]:
+            b = b ^ np.uint8(255)  # step 3
+        if schedule.channel_order is not None:
+            b = b[:, :, CHANNEL_ORDERS[schedule.channel_order[i]]]  # step 4
+        out[i] = b
+    rows, cols, _ = plane.shape
+    return merge_blocks(out, (rows // block, cols // block))
+
+
+# --------------------------------------------------------------------------- YCbCr planes
+# JPEG/JFIF full-range BT.601, the conversion JPEG itself uses.
+_RGB_TO_YCBCR = np.array(
+    [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]],
+    dtype=np.float32,
+)
+_YCBCR_TO_RGB = np.array(
+    [[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]], dtype=np.float32
+)
+_CHROMA_OFFSET = np.array([0.0, 128.0, 128.0], dtype=np.float32)
+
+
+def rgb_to_stacked_ycbcr(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) RGB -> (N, H, 3W) grey: the Y, Cb and Cr planes side by side."""
+    ycc = images.astype(np.float32) @ _RGB_TO_YCBCR.T + _CHROMA_OFFSET
+    ycc = np.clip(np.rint(ycc), 0, 255).astype(np.uint8)
+    n, h, w, _ = images.shape
+    return np.ascontiguousarray(ycc.transpose(0, 1, 3, 2)).reshape(n, h, 3 * w)
+
+
+def stacked_ycbcr_to_rgb(planes: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`rgb_to_stacked_ycbcr` (exact up to rounding)."""
+    n, h, w3 = planes.shape
+    ycc = planes.reshape(n, h, 3, w3 // 3).transpose(0, 1, 3, 2).astype(np.float32)
+    rgb = (ycc - _CHROMA_OFFSET) @ _YCBCR_TO_RGB.T
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- compiled cipher
+
+
+@numba.njit(parallel=True, nogil=True, boundscheck=False, cache=True)
+def _gather_xor(src: np.ndarray, index: np.ndarray, mask: np.ndarray, out: np.ndarray) -> None:
+    """out[n, j] = src[n, index[j]] ^ mask[j], images spread over the CPU cores."""
+    for n in numba.prange(src.shape[0]):
+        row_in = src[n]
+        row_out = out[n]
+        for j in range(index.shape[0]):
+            row_out[j] = row_in[index[j]] ^ mask[j]
+
+
+def _apply(flat_index: np.ndarray, mask: np.ndarray, batch: np.ndarray) -> np.ndarray:
+    src = np.ascontiguousarray(batch).reshape(len(batch), -1)
+    out = np.empty_like(src)
+    _gather_xor(src, flat_index, mask, out)
+    return out
+
+
+class BlockCipher:
+    """A key compiled for one geometry; encrypts and decrypts whole batches.
+
+    ``encrypt`` takes RGB images (N, H, W, 3) uint8 and returns new cipher planes: colour
+    (N, H, W, 3), gray (N, H, 3W). ``decrypt`` is the exact inverse (gray: up to the YCbCr
+    rounding).
+    """
+
+    def __init__(self, secret: bytes, geometry: Geometry) -> None:
+        self.geometry = geometry
+        self.schedule = derive_schedule(secret, geometry)
+        shape = geometry.plane_shape
+        size = int(np.prod(shape))
+        trace = encrypt_reference(
+            np.arange(size, dtype=np.int64).reshape(shape), self.schedule, geometry.block,
+            negate=False,
+        )
+        self._enc_index = trace.reshape(-1).astype(np.int32)
+        negated_blocks = np.where(self.schedule.negate, 255, 0).astype(np.uint8)
+        block_mask = np.broadcast_to(
+            negated_blocks[:, None, None, None], (geometry.num_blocks, geometry.block, geometry.block, shape[2])
+        )
+        self._enc_mask = merge_blocks(np.ascontiguousarray(block_mask), geometry.grid).reshape(-1)
+        self._dec_index = np.argsort(self._enc_index).astype(np.int32)
+        self._dec_mask = np.ascontiguousarray(self._enc_mask[self._dec_index])
+
+    def _check(self, images: np.ndarray, shape: tuple[int, ...], what: str) -> None:
+        if images.dtype != np.uint8 or images.ndim != len(shape) + 1 or images.shape[1:] != shape:
+            raise GeometryError(
+                f"{what}: expected uint8 batch of shape (N, {', '.join(map(str, shape))}), "
+                f"got {images.dtype} {images.shape}"
+            )
+
+    def encrypt(self, images: np.ndarray) -> np.ndarray:
+        g = self.geometry
+        self._check(images, (g.height, g.width, 3), "encrypt")
+        planes = images if g.scheme == "color" else rgb_to_stacked_ycbcr(images)
+        out = _apply(self._enc_index, self._enc_mask, planes)
+        return out.reshape((len(images),) + self.cipher_image_shape)
+
+    def decrypt(self, encrypted: np.ndarray) -> np.ndarray:
+        g = self.geometry
+        self._check(encrypted, self.cipher_image_shape, "decrypt")
+        flat = _apply(self._dec_index, self._dec_mask, encrypted)
+        if g.scheme == "color":
+            return flat.reshape(len(encrypted), g.height, g.width, 3)
+        return stacked_ycbcr_to_rgb(flat.reshape(len(encrypted), g.height, 3 * g.width))
+
+    @property
+    def cipher_image_shape(self) -> tuple[int, ...]:
+        """Shape of one encrypted image as stored: (H, W, 3) colour, (H, 3W) grey."""
+        rows, cols, ch = self.geometry.plane_shape
+        return (rows, cols, 3) if ch == 3 else (rows, cols)

@@ -1,0 +1,187 @@
+"""``owner-agent``: the data owner's command. Thin: parse, call, print.
+
+Keys are named with ``--key NAME`` (a keyring name or a key file path); the secret itself is
+never accepted on the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from pathlib import Path
+
+from owners import __version__
+from owners.cipher import DEFAULT_BLOCK, SCHEMES, Geometry, GeometryError
+from owners.keys import (
+    KeyringError, announce_new_key, create_key, derive_from_passphrase, keyring_dir, list_keys,
+    resolve_key,
+)
+from owners.prepare import EncryptSettings, TooManyBadFiles, encrypt_folder
+from owners.restore import decrypt_folder, make_preview
+from owners.shards import CHROMA_SUBSAMPLING, CODECS, Codec
+
+
+def _key(spec: str, create: bool):
+    key, created = resolve_key(spec, create=create)
+    if created:
+        announce_new_key(key)
+    return key
+
+
+def _add_geometry(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", type=int, default=32, help="image side in pixels after resize/crop (default 32)")
+    p.add_argument("--block", type=int, default=None, help="EtC block size in pixels (default: 16 colour, 8 gray)")
+    p.add_argument("--scheme", choices=SCHEMES, default="color", help="colour EtC or grayscale-based EtC")
+
+
+def _add_codec(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=CODECS, default="jpeg", help="stored image codec (default jpeg)")
+    p.add_argument("--quality", type=int, default=85, help="JPEG quality 1-100 (default 85)")
+    p.add_argument("--chroma", choices=tuple(CHROMA_SUBSAMPLING), default="420",
+                   help="JPEG chroma subsampling of colour images (default 420)")
+
+
+def cmd_encrypt(args: argparse.Namespace) -> int:
+    if args.plain == bool(args.key):
+        raise SystemExit("owner-agent encrypt: give --key NAME, or --plain for an unencrypted baseline (not both)")
+    scheme = "plain" if args.plain else args.scheme
+    settings = EncryptSettings(
+        image_size=args.size,
+        block_size=args.block or DEFAULT_BLOCK.get(args.scheme, 16),
+        scheme=scheme,
+        codec=Codec(args.format, args.quality, args.chroma),
+        split=args.split,
+        classes=tuple(c.strip() for c in args.classes.split(",")) if args.classes else None,
+        shard_images=args.shard_images,
+        max_bad_fraction=args.max_bad_fraction,
+    )
+    key = None if args.plain else _key(args.key, create=True)
+    summary = encrypt_folder(Path(args.data), Path(args.out), key, settings, overwrite=args.overwrite,
+                             progress=False if args.no_progress else None)
+    print(summary.line(), file=sys.stderr)
+    if summary.skipped or summary.duplicates:
+        print(f"warning: {summary.skipped + summary.duplicates} file(s) not used; reasons in "
+              f"{Path(args.out) / 'local' / 'report.json'}", file=sys.stderr)
+    print(f"outbox ready: {args.out} (manifest.json + shards; 'local/' stays on this machine)", file=sys.stderr)
+    return 0
+
+
+def cmd_decrypt(args: argparse.Namespace) -> int:
+    key = _key(args.key, create=False) if args.key else None
+    n = decrypt_folder(Path(args.shards), Path(args.out), key)
+    print(f"{n} images decrypted into {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    key = _key(args.key, create=True)
+    geometry = Geometry(args.size, args.size, args.block or DEFAULT_BLOCK[args.scheme], args.scheme)
+    n = make_preview(Path(args.data), Path(args.out), key, geometry,
+                     Codec(args.format, args.quality, args.chroma), count=args.count)
+    print(f"preview of {n} images (plain | encrypted as uploaded | decrypted) written to {args.out}",
+          file=sys.stderr)
+    return 0
+
+
+def _read_passphrase(args: argparse.Namespace) -> str | None:
+    if args.passphrase_file:
+        text = Path(args.passphrase_file).read_text("utf-8")
+        return text.splitlines()[0] if text else ""
+    if args.passphrase_stdin:
+        if sys.stdin.isatty():
+            first = getpass.getpass("passphrase: ")
+            if getpass.getpass("again: ") != first:
+                raise KeyringError("passphrases differ")
+            return first
+        return sys.stdin.readline().rstrip("\r\n")
+    return None
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    passphrase = _read_passphrase(args)
+    if passphrase is None:
+        key = create_key(args.name)
+    else:
+        secret = derive_from_passphrase(passphrase, args.salt or args.name)
+        key = create_key(args.name, secret=secret, origin="passphrase")
+    announce_new_key(key)
+    print(f"{key.name}\t{key.key_id}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    keys = list_keys()
+    if not keys:
+        print(f"no keys in {keyring_dir()}", file=sys.stderr)
+    for key in keys:
+        print(f"{key.name}\t{key.key_id}\t{key.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="owner-agent",
+        description="Encrypt images locally with your own key (block-wise EtC) for training in an untrusted cloud.",
+    )
+    parser.add_argument("--version", action="version", version=f"owner-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    key_help = "key name in the keyring (created on first use) or path of a key file; never the secret"
+
+    p = sub.add_parser("encrypt", help="encrypt an image folder into shards (an outbox)")
+    p.add_argument("--key", help=key_help)
+    p.add_argument("--data", required=True, help="image folder laid out as DIR/<class>/<image>")
+    p.add_argument("--out", required=True, help="outbox folder to write shards and manifest.json into")
+    _add_geometry(p)
+    _add_codec(p)
+    p.add_argument("--plain", action="store_true", help="no encryption (a baseline); --key is then refused")
+    p.add_argument("--split", choices=("train", "test"), default="train")
+    p.add_argument("--classes", help="comma-separated class list fixing label ids (default: sorted folder names)")
+    p.add_argument("--shard-images", type=int, default=10_000, help="images per shard (default 10000)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.2,
+                   help="stop when more than this fraction of files cannot be used (default 0.2)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing outbox in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_encrypt)
+
+    p = sub.add_parser("decrypt", help="decrypt shards back into DIR/<class>/<id>.png")
+    p.add_argument("--key", help=key_help + " (omit for --plain shards)")
+    p.add_argument("--shards", required=True, help="folder with manifest.json and shards")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_decrypt)
+
+    p = sub.add_parser("preview", help="one PNG: plain, encrypted and decrypted images side by side")
+    p.add_argument("--key", required=True, help=key_help)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--count", type=int, default=8, help="number of images (rows)")
+    _add_geometry(p)
+    _add_codec(p)
+    p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("keygen", help="create a key in the keyring (random, or from a passphrase)")
+    p.add_argument("name")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--passphrase-stdin", action="store_true", help="derive the key from a passphrase read from stdin")
+    src.add_argument("--passphrase-file", help="derive the key from the first line of this file")
+    p.add_argument("--salt", help="scrypt salt label for passphrase keys (default: the key name)")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("keys", help="list keys in the keyring (names and key ids only)")
+    p.set_defaults(func=cmd_keys)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (KeyringError, GeometryError, TooManyBadFiles, FileExistsError, ValueError) as exc:
+        print(f"owner-agent {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The upload format: WebDataset tar shards plus ``manifest.json``, and the image codec.
+
+A shard holds ``<id>.jpg`` (or ``.png``) and ``<id>.cls`` (the integer label, ASCII) per sample,
+where ``<id>`` is the sha256 of the encoded image (first 32 hex digits). Tar headers carry no
+time, user or file name of the owner, so the same inputs give byte-identical shards.
+
+The manifest records what a reader needs and nothing secret: key id (absent for plain data),
+scheme, geometry, codec, classes, and per-shard sha256, size and counts. Nothing here touches
+key material: the cloud side may read this module.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "etc-webdataset"
+MANIFEST_VERSION = 1
+SAMPLE_ID_HEX_CHARS = 32
+CODECS = ("jpeg", "png")
+CHROMA_SUBSAMPLING = {"420": 2, "444": 0}  # our name -> Pillow's `subsampling`
+PNG_COMPRESS_LEVEL = 6  # zlib level: Pillow's default, fixed here so output never drifts
+
+
+@dataclass(frozen=True)
+class Codec:
+    format: str = "jpeg"  # "jpeg" (lossy, small) or "png" (lossless)
+    quality: int = 85  # JPEG quality 1-100 (paper: 85 and lossless)
+    chroma: str = "420"  # JPEG chroma subsampling of colour images: "420" or "444"
+
+    def __post_init__(self) -> None:
+        if self.format not in CODECS:
+            raise ValueError(f"unknown format {self.format!r}: choose one of {CODECS}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"JPEG quality must be in 1..100, got {self.quality}")
+        if self.chroma not in CHROMA_SUBSAMPLING:
+            raise ValueError(f"chroma must be one of {tuple(CHROMA_SUBSAMPLING)}, got {self.chroma!r}")
+
+    @property
+    def suffix(self) -> str:
+        return "jpg" if self.format == "jpeg" else "png"
+
+    def encode(self, image: np.ndarray) -> bytes:
+        """(H, W, 3) or (H, W) uint8 -> file bytes with no metadata."""
+        buf = io.BytesIO()
+        pil = Image.fromarray(image)
+        if self.format == "jpeg":
+            pil.save(buf, "JPEG", quality=self.quality, subsampling=CHROMA_SUBSAMPLING[self.chroma],
+                     optimize=False, progressive=False)
+        else:
+            pil.save(buf, "PNG", compress_level=PNG_COMPRESS_LEVEL)
+        return buf.getvalue()
+
+
+def decode(data: bytes) -> np.ndarray:
+    """File bytes -> (H, W, 3) or (H, W) uint8, exactly as stored (no conversion)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img)
+
+
+def sample_id(encoded: bytes) -> str:
+    return hashlib.sha256(encoded).hexdigest()[:SAMPLE_ID_HEX_CHARS]
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    sha256: str
+    bytes: int
+    count: int
+
+
+@dataclass
+class Manifest:
+    key_id: str | None  # public fingerprint of the owner's key; None for --plain
+    scheme: str  # "color", "gray" or "plain"
+    image_size: int  # pixels, square images
+    block_size: int | None  # pixels; None for plain
+    codec: dict  # Codec fields
+    classes: list[str]
+    split: str  # "train" or "test"
+    count: int = 0
+    class_counts: list[int] = field(default_factory=list)
+    shards: list[ShardInfo] = field(default_factory=list)
+    producer: str = "owner-agent"
+    format: str = MANIFEST_FORMAT
+    version: int = MANIFEST_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def load(cls, folder: Path) -> "Manifest":
+        path = Path(folder) / MANIFEST_NAME
+        if not path.is_file():
+            raise ValueError(f"{path} not found: not a shard folder written by owner-agent encrypt")
+        try:
+            doc = json.loads(path.read_text("utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        if doc.get("format") != MANIFEST_FORMAT or doc.get("version") != MANIFEST_VERSION:
+            raise ValueError(f"{path}: unsupported manifest format/version")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(doc) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown field(s) {', '.join(unknown)}")
+        doc["shards"] = [ShardInfo(**s) for s in doc.get("shards", [])]
+        return cls(**doc)
+
+    def write(self, folder: Path) -> None:
+        atomic_write(Path(folder) / MANIFEST_NAME, self.to_json().encode("utf-8"))
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _member(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+class ShardWriter:
+    """Writes samples into ``shard-NNNNN.tar`` files of at most ``max_count`` samples each."""
+
+    def __init__(self, folder: Path, suffix: str, max_count: int) -> None:
+        self.folder = Path(folder)
+        self.suffix = suffix
+        self.max_count = max_count
+        self.shards: list[ShardInfo] = []
+        self._tar: tarfile.TarFile | None = None
+        self._path: Path | None = None
+        self._count = 0
+
+    def add(self, sid: str, encoded: bytes, label: int) -> None:
+        if self._tar is None:
+            self._path = self.folder / f"shard-{len(self.shards):05d}.tar"
+            self._tar = tarfile.open(self._path.with_suffix(".tar.partial"), "w", format=tarfile.USTAR_FORMAT)
+            self._count = 0
+        cls = str(label).encode("ascii")
+        self._tar.addfile(_member(f"{sid}.{self.suffix}", len(encoded)), io.BytesIO(encoded))
+        self._tar.addfile(_member(f"{sid}.cls", len(cls)), io.BytesIO(cls))
+        self._count += 1
+        if self._count >= self.max_count:
+            self._finish()
+
+    def _finish(self) -> None:
+        assert self._tar is not None and self._path is not None
+        self._tar.close()
+        partial = self._path.with_suffix(".tar.partial")
+        digest, size = file_sha256(partial)
+        os.replace(partial, self._path)
+        self.shards.append(ShardInfo(self._path.name, digest, size, self._count))
+        self._tar = None
+
+    def close(self) -> list[ShardInfo]:
+        if self._tar is not None:
+            self._finish()
+        return self.shards
+
+
+def file_sha256(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def iter_samples(path: Path) -> Iterator[tuple[str, bytes, int]]:
+    """Yield (id, encoded image bytes, label) from one shard, in file order."""
+    with tarfile.open(path, "r") as tar:
+        pending: dict[str, dict[str, bytes]] = {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            stem, _, ext = member.name.rpartition(".")
+            f = tar.extractfile(member)
+            assert f is not None
+            pending.setdefault(stem, {})[ext] = f.read()
+            entry = pending[stem]
+            if "cls" in entry and len(entry) == 2:
+                image_ext = next(k for k in entry if k != "cls")
+                yield stem, entry[image_ext], int(entry["cls"])
+                del pending[stem]
+        if pending:
+            raise ValueError(f"{path}: incomplete samples {sorted(pending)[:3]}")
+
+
+def verify_shards(folder: Path, manifest: Manifest) -> None:
+    """Check every shard's sha256 and size against the manifest; raise naming the bad file."""
+    for shard in manifest.shards:
+        path = Path(folder) / shard.name
+        if not path.is_file():
+            raise ValueError(f"shard {path} listed in the manifest is missing")
+        digest, size = file_sha256(path)
+        if (digest, size) != (shard.sha256, shard.bytes):
+            raise ValueError(f"shard {path} does not match its manifest entry (corrupted or modified)")
