@@ -187,7 +187,7 @@ def write_key_file(path: Path, secret: bytes, origin: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def announce_new_key(key: OwnerKey, out=sys.stderr) -> None:
+def announce_new_key(key: OwnerKey, out=None) -> None:
     bar = "!" * 78
     print(
         f"{bar}\n"
@@ -196,7 +196,7 @@ def announce_new_key(key: OwnerKey, out=sys.stderr) -> None:
         f"  BACK UP THIS FILE NOW and keep it secret. Without it, images encrypted with it\n"
         f"  can never be decrypted, and the model trained on them cannot classify new images.\n"
         f"{bar}",
-        file=out,
+        file=out or sys.stderr,
         flush=True,
     )
 
