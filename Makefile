@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	OWNER_AGENT_HOME=$(DEMO_OUT)/owner-home $(BIN)/python -m benchmarks.demo_owner --out $(DEMO_OUT)
+	OWNER_AGENT_HOME=$(abspath $(DEMO_OUT))/owner-home $(BIN)/python scripts/demo.py --out $(DEMO_OUT)
 
 test: venv
 	$(BIN)/python -m pytest -q

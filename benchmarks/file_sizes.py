@@ -87,7 +87,7 @@ def main() -> None:
     count = sum(p["count"] for p in parts)
     total = {k: sum(p["sizes"][k] for p in parts) for k in parts[0]["sizes"]}
     psnr_mean = {r: sum(p["psnr_sum"][r] for p in parts) / count for r in ROWS}
-    header = ["images", *[f"{c} MB" for c in COLUMNS], *[f"{c} / plain" for c in COLUMNS],
+    header = [*[f"{c} MB" for c in COLUMNS], *[f"{c} / plain" for c in COLUMNS],
               f"PSNR {PSNR_COLUMN} dB"]
     rows = []
     for row, (_, _, columns) in ROWS.items():

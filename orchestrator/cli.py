@@ -1,0 +1,52 @@
+"""``orchestrator``: the cloud side's command. Thin: parse, call, print."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+
+from orchestrator import __version__
+from orchestrator.config import ConfigError, load_config
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    print(f"{args.config}: valid. run {cfg.name!r}, strategy {cfg.training.strategy}, "
+          f"{len(cfg.ingest.owners)} owner(s), task:", file=sys.stderr)
+    print(json.dumps(dataclasses.asdict(cfg.task), indent=1))
+    return 0
+
+
+def cmd_hash_token(args: argparse.Namespace) -> int:
+    token = sys.stdin.readline().strip()
+    if not token:
+        raise ConfigError("no token on stdin")
+    print(hashlib.sha256(token.encode("utf-8")).hexdigest())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orchestrator", description="Cloud side: ingest, Ray training, prediction.")
+    parser.add_argument("--version", action="version", version=f"orchestrator {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("check", help="validate a cluster.yaml and print the task owners will receive")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("hash-token", help="read an owner token on stdin, print the token_sha256 for cluster.yaml")
+    p.set_defaults(func=cmd_hash_token)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"orchestrator {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

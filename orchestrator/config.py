@@ -1,0 +1,243 @@
+"""``cluster.yaml``: parsed once into frozen dataclasses; unknown keys and bad values are errors.
+
+Every error names the file and the dotted field, e.g. ``cluster.yaml: training.epochs: expected
+an integer, got 'ten'``. Defaults live here, in the dataclasses, and nowhere else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+SCHEMES = ("color", "gray", "plain")
+FORMATS = ("jpeg", "png")
+CHROMAS = ("420", "444")
+STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters", "federated")
+OWNER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None: start a local Ray (with dashboard); "auto" or "ray://head:10001"
+    dashboard_host: str = "127.0.0.1"  # local Ray only; keep the dashboard off the network by default
+    dashboard_port: int = 8265
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Published to owner-agents: every owner maps folders to the same labels and geometry."""
+
+    classes: tuple[str, ...]  # label id = position in this list
+    image_size: int = 32  # pixels, square
+    block_size: int = 16  # EtC block in pixels (colour 16, gray 8)
+    scheme: str = "color"  # color | gray | plain
+    format: str = "jpeg"  # jpeg | png
+    quality: int = 85  # JPEG quality
+    chroma: str = "420"  # JPEG chroma subsampling: 420 | 444
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: Path  # server certificate chain (PEM)
+    key: Path  # server private key (PEM)
+    client_ca: Path | None = None  # set: mutual TLS, clients need a certificate signed by this CA
+
+
+@dataclass(frozen=True)
+class OwnerEntry:
+    id: str  # owner id; the token decides who is who
+    token_sha256: str  # hex sha256 of the owner's token; the server never stores tokens
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    listen: str = "127.0.0.1:50051"
+    store: Path = Path("./store")  # relative paths are relative to the config file
+    tls: TlsConfig | None = None
+    owners: tuple[OwnerEntry, ...] = ()
+    insecure_loopback: bool = False  # allow auth without TLS, only when listening on loopback
+    max_shard_bytes: int = 1 << 30  # refuse larger shards (bytes)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    strategy: str = "shared-key"  # plain | shared-key | pooled | key-adapters | federated
+    model: str = "convmixer_256_8_p4"  # a name registered in models/
+    epochs: int = 10
+    batch_size: int = 64  # per worker
+    workers: int = 1  # Ray Train workers
+    use_gpu: bool = False
+    start_when: tuple[str, ...] = ()  # owners whose train and test uploads start training
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    listen: str = "127.0.0.1:50052"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str  # run name: Ray Train run name and store sub-folder
+    task: TaskConfig
+    ray: RayConfig = RayConfig()
+    ingest: IngestConfig = IngestConfig()
+    training: TrainingConfig = TrainingConfig()
+    serve: ServeConfig = ServeConfig()
+    source: Path | None = field(default=None, compare=False)  # the file it came from
+
+
+# --------------------------------------------------------------------------- generic parsing
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _convert(tp: object, value: object, where: str, base: Path) -> object:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _convert(inner, value, where, base)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {_describe(value)}")
+        (inner, _) = typing.get_args(tp)
+        return tuple(_convert(inner, v, f"{where}[{i}]", base) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, base)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {_describe(value)}")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {_describe(value)}")
+        return str(value)
+    if tp is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a path, got {_describe(value)}")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (base / path)
+    raise TypeError(f"unsupported config type {tp} at {where}")
+
+
+def _build(cls: type, data: object, where: str, base: Path) -> object:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'top level'}: expected a mapping, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(map(str, data)) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where + ': ' if where else ''}unknown key(s) {', '.join(unknown)} "
+                          f"(allowed: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        path = f"{where}.{name}" if where else name
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], path, base)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{path}: required")
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def _check_listen(value: str, where: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where}: expected HOST:PORT, got {value!r}")
+
+
+def is_loopback(listen: str) -> bool:
+    return listen.rpartition(":")[0] in LOOPBACK_HOSTS
+
+
+def _validate(cfg: ClusterConfig) -> None:
+    t = cfg.task
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", cfg.name):
+        raise ConfigError(f"name: {cfg.name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    if len(t.classes) < 2 or len(set(t.classes)) != len(t.classes):
+        raise ConfigError("task.classes: need at least two distinct class names")
+    if t.scheme not in SCHEMES:
+        raise ConfigError(f"task.scheme: {t.scheme!r} is not one of {', '.join(SCHEMES)}")
+    if t.format not in FORMATS:
+        raise ConfigError(f"task.format: {t.format!r} is not one of {', '.join(FORMATS)}")
+    if t.chroma not in CHROMAS:
+        raise ConfigError(f"task.chroma: {t.chroma!r} is not one of {', '.join(CHROMAS)}")
+    if not 1 <= t.quality <= 100:
+        raise ConfigError(f"task.quality: {t.quality} is not in 1..100")
+    if t.image_size < 1 or (t.scheme != "plain" and (t.block_size < 1 or t.image_size % t.block_size)):
+        raise ConfigError(f"task.image_size: {t.image_size} is not a multiple of task.block_size {t.block_size}")
+    _check_listen(cfg.ingest.listen, "ingest.listen")
+    _check_listen(cfg.serve.listen, "serve.listen")
+    ids = [o.id for o in cfg.ingest.owners]
+    for i, owner in enumerate(cfg.ingest.owners):
+        if not OWNER_ID.match(owner.id):
+            raise ConfigError(f"ingest.owners[{i}].id: {owner.id!r} must be lower-case letters, digits, '.', '_' or '-'")
+        if not SHA256_HEX.match(owner.token_sha256):
+            raise ConfigError(f"ingest.owners[{i}].token_sha256: expected 64 lower-case hex digits")
+    if len(set(ids)) != len(ids):
+        raise ConfigError("ingest.owners: owner ids must be unique")
+    if len({o.token_sha256 for o in cfg.ingest.owners}) != len(ids):
+        raise ConfigError("ingest.owners: two owners share a token")
+    if cfg.ingest.tls is None and cfg.ingest.owners and not (
+        cfg.ingest.insecure_loopback and is_loopback(cfg.ingest.listen)
+    ):
+        raise ConfigError(
+            "ingest.tls: tokens would travel in clear text; configure tls, or listen on loopback "
+            "and set ingest.insecure_loopback: true"
+        )
+    tr = cfg.training
+    if tr.strategy not in STRATEGIES:
+        raise ConfigError(f"training.strategy: {tr.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if (tr.strategy == "plain") != (t.scheme == "plain"):
+        raise ConfigError("training.strategy: 'plain' goes with task.scheme 'plain' and only with it")
+    for name in ("epochs", "batch_size", "workers"):
+        if getattr(tr, name) < 1:
+            raise ConfigError(f"training.{name}: must be at least 1")
+    missing = [o for o in tr.start_when if o not in ids]
+    if missing:
+        raise ConfigError(f"training.start_when: {', '.join(missing)} not in ingest.owners")
+
+
+def parse_config(data: object, source: Path | None = None) -> ClusterConfig:
+    base = source.parent if source else Path.cwd()
+    prefix = f"{source.name}: " if source else ""
+    try:
+        cfg = _build(ClusterConfig, data, "", base)
+        cfg = dataclasses.replace(cfg, source=source)
+        _validate(cfg)
+    except ConfigError as exc:
+        raise ConfigError(prefix + str(exc)) from None
+    return cfg
+
+
+def load_config(path: Path | str) -> ClusterConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text("utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path.name}: not valid YAML: {exc}") from None
+    return parse_config(data, path.resolve())
