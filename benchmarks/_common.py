@@ -68,6 +68,12 @@ def report(title: str, header: list[str], rows: list[list], notes: list[str], js
     """Print the table, notes, reproduce line and machine facts; optionally write them as JSON."""
     facts = machine_facts()
     command = reproduce_command()
+    if json_path:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"title": title, "header": header, "rows": rows, "notes": notes, "reproduce": command,
+               "machine": facts, **(extra or {})}
+        path.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"## {title}\n")
     print(markdown_table(header, rows))
     print()
@@ -76,9 +82,4 @@ def report(title: str, header: list[str], rows: list[list], notes: list[str], js
     print(f"reproduce: {command}")
     print("machine: " + ", ".join(f"{k}={v}" for k, v in facts.items()))
     if json_path:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"title": title, "header": header, "rows": rows, "notes": notes, "reproduce": command,
-               "machine": facts, **(extra or {})}
-        path.write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"wrote {path}")
+        print(f"wrote {json_path}")

@@ -15,11 +15,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+# We refuse oversized images ourselves (see load_rgb); Pillow's warning would only be noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 # Formats we decode. Everything else (SVG, PDF, PSD, EPS, ...) is refused: a smaller attack
 # surface, and no format whose decoder shells out to another program.
 ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
 ALLOWED_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white, as most viewers show them
+ALPHA_BACKGROUND = (255, 255, 255)
+EXIF_ORIENTATION = 0x0112  # EXIF tag; values 2..8 mean the stored pixels must be flipped/rotated  # transparent pixels become white, as most viewers show them
 
 
 class BadImage(Exception):
@@ -112,28 +116,30 @@ def load_rgb(path: Path, size: int) -> tuple[np.ndarray, list[str]]:
     try:
         if Path(path).stat().st_size == 0:
             raise BadImage("empty file (0 bytes)")
-        with warnings.catch_warnings():
-            # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; both are refused.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.format not in ALLOWED_FORMATS:
-                    raise BadImage(f"format {img.format} is not allowed ({', '.join(ALLOWED_FORMATS)})")
-                if getattr(img, "n_frames", 1) > 1:
-                    notes.append("multi-frame image: first frame used")
-                if img.format == "JPEG":
-                    # Let libjpeg decode at a reduced scale when the image is much larger than needed.
-                    img.draft("RGB" if img.mode != "CMYK" else None, (size, size))
-                img.load()
-                oriented = ImageOps.exif_transpose(img)
-                if oriented is not img:
-                    notes.append("EXIF orientation applied")
-                rgb, note = _to_rgb(oriented)
-                if note:
-                    notes.append(note)
-                return _fit_square(rgb, size), notes
+        with Image.open(path) as img:
+            # Pillow's decompression-bomb limit, enforced here rather than through its warning:
+            # warning filters are process-wide and this runs in several threads at once.
+            if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+                raise BadImage(f"decompression bomb refused: {img.width}x{img.height} pixels is more "
+                               f"than the limit of {Image.MAX_IMAGE_PIXELS}")
+            if img.format not in ALLOWED_FORMATS:
+                raise BadImage(f"format {img.format} is not allowed ({', '.join(ALLOWED_FORMATS)})")
+            if getattr(img, "n_frames", 1) > 1:
+                notes.append("multi-frame image: first frame used")
+            if img.format == "JPEG":
+                # Let libjpeg decode at a reduced scale when the image is much larger than needed.
+                img.draft("RGB" if img.mode != "CMYK" else None, (size, size))
+            img.load()
+            if img.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9):
+                notes.append("EXIF orientation applied")
+            oriented = ImageOps.exif_transpose(img)
+            rgb, note = _to_rgb(oriented)
+            if note:
+                notes.append(note)
+            return _fit_square(rgb, size), notes
     except BadImage:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise BadImage(f"decompression bomb refused: {exc}") from None
     except Image.UnidentifiedImageError:
         raise BadImage("not an image Pillow can identify") from None

@@ -115,7 +115,17 @@ def encrypt_folder(
     index_path = out / LOCAL_DIR / "index.jsonl"
     bar = tqdm(total=len(scan.images), unit="img", desc="encrypt" if not plain else "prepare",
                disable=progress is False or (progress is None and not sys.stderr.isatty()), file=sys.stderr)
+
+    def check_bad_fraction(tried: int) -> None:
+        if tried >= settings.min_files_before_abort and len(skipped) > settings.max_bad_fraction * tried:
+            raise TooManyBadFiles(
+                f"{len(skipped)} of {tried} files could not be used (more than "
+                f"{settings.max_bad_fraction:.0%}); stopped. Is {data} the right folder? "
+                f"Reasons are in {out / LOCAL_DIR / 'report.json'}"
+            )
+
     try:
+        check_bad_fraction(len(scan.skipped))
         with ThreadPoolExecutor(settings.workers) as pool, open(index_path, "w", encoding="utf-8") as index:
             for start in range(0, len(scan.images), settings.chunk):
                 items = scan.images[start : start + settings.chunk]
@@ -129,13 +139,7 @@ def encrypt_folder(
                         converted.append({"file": item.relpath, "notes": notes})
                     summary.bytes_in += nbytes
                     good.append((item, arr))
-                tried = start + len(items) + len(scan.skipped)
-                if tried >= settings.min_files_before_abort and len(skipped) > settings.max_bad_fraction * tried:
-                    raise TooManyBadFiles(
-                        f"{len(skipped)} of {tried} files could not be used (more than "
-                        f"{settings.max_bad_fraction:.0%}); stopped. Is {data} the right folder? "
-                        f"Reasons are in {out / LOCAL_DIR / 'report.json'}"
-                    )
+                check_bad_fraction(start + len(items) + len(scan.skipped))
                 if good:
                     batch = np.stack([arr for _, arr in good])
                     stored = batch if cipher is None else cipher.encrypt(batch)
@@ -154,6 +158,9 @@ def encrypt_folder(
                         summary.bytes_out += len(data_bytes)
                 bar.update(len(items))
         shards = writer.close()
+        if summary.images == 0:
+            raise TooManyBadFiles(f"no usable image in {data}; stopped. Reasons are in "
+                                  f"{out / LOCAL_DIR / 'report.json'}")
     finally:
         bar.close()
         summary.skipped = len(skipped) - summary.duplicates
