@@ -65,7 +65,7 @@ def main() -> None:
             ratios = [r["encrypt"] / r["copy"], r["decrypt"] / r["copy"],
                       r["encrypt"] / r["reference"], r["decrypt"] / r["reference"]]
             rows.append([f"{count}x{size}x{size}", scheme, r["copy"], r["copyto"], r["encrypt"],
-                         r["decrypt"], r["reference"], *[round(q, 3) for q in ratios]])
+                         r["decrypt"], r["reference"], *[f"{q:.3f}" for q in ratios]])
     notes = [
         "MB/s = RGB input bytes (1e6) / best-of-N seconds; ratios use x.copy() (allocating, like encrypt).",
         "Targets (issue): enc/copy >= 0.25 and enc/loop >= 20. Gray rows include the YCbCr conversion.",
