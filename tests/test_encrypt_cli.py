@@ -165,3 +165,18 @@ def test_canary_key_never_leaves_the_key_file(tmp_path, capsys, caplog, owner_ho
     for blob in texts:
         for needle in needles:
             assert needle not in blob
+
+
+def test_worker_processes_give_the_same_outbox_as_one_process(tmp_path):
+    from owners.keys import OwnerKey
+    from owners.prepare import EncryptSettings, encrypt_folder
+
+    key = OwnerKey("k", bytes(range(32)))
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        settings = EncryptSettings(chunk=16, workers=workers, shard_images=50)
+        summary = encrypt_folder(SAMPLE, out, key, settings, progress=False)
+        assert summary.images == 200
+        outs.append(folder_bytes(out))
+    assert outs[0] == outs[1] and len(outs[0]) == 5  # 4 shards + manifest
