@@ -5,7 +5,10 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
+import signal
 import sys
+import threading
 
 from orchestrator import __version__
 from orchestrator.config import ConfigError, load_config
@@ -16,6 +19,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.config}: valid. run {cfg.name!r}, strategy {cfg.training.strategy}, "
           f"{len(cfg.ingest.owners)} owner(s), task:", file=sys.stderr)
     print(json.dumps(dataclasses.asdict(cfg.task), indent=1))
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from orchestrator.ingest import start_ingest  # grpc is only needed here
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    cfg = load_config(args.config)
+    server, port, store = start_ingest(cfg)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"ingest service for {cfg.name!r} on port {port}; store {store.root}; Ctrl-C stops", file=sys.stderr, flush=True)
+    stop.wait()
+    server.stop(grace=5).wait()
+    store.close()
+    print("ingest service stopped", file=sys.stderr)
     return 0
 
 
@@ -34,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a cluster.yaml and print the task owners will receive")
     p.add_argument("config")
     p.set_defaults(func=cmd_check)
+    p = sub.add_parser("ingest", help="run only the ingest service of a cluster.yaml (owners upload here)")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_ingest)
     p = sub.add_parser("hash-token", help="read an owner token on stdin, print the token_sha256 for cluster.yaml")
     p.set_defaults(func=cmd_hash_token)
     return parser

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from owners.keys import (
 from owners.prepare import EncryptSettings, TooManyBadFiles, encrypt_folder
 from owners.restore import decrypt_folder, make_preview
 from owners.shards import CHROMA_SUBSAMPLING, CODECS, Codec
+from owners.upload import Connection, UploadError, read_token
 
 
 def _key(spec: str, create: bool):
@@ -63,6 +65,25 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
         print(f"warning: {summary.skipped + summary.duplicates} file(s) not used; reasons in "
               f"{Path(args.out) / 'local' / 'report.json'}", file=sys.stderr)
     print(f"outbox ready: {args.out} (manifest.json + shards; 'local/' stays on this machine)", file=sys.stderr)
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from owners.agent import run_agent  # grpc is only needed here
+
+    if args.plain == bool(args.key):
+        raise SystemExit("owner-agent: give --key NAME, or --plain for an unencrypted baseline (not both)")
+    key = None if args.plain else _key(args.key, create=True)
+    conn = Connection(
+        server=args.server, token=read_token(args.token_file),
+        ca_file=Path(args.ca_file) if args.ca_file else None,
+        client_cert=Path(args.client_cert) if args.client_cert else None,
+        client_key=Path(args.client_key) if args.client_key else None,
+        insecure=args.insecure, retries=args.retries,
+    )
+    summary = run_agent(key, Path(args.data), conn, args.split, Path(args.outbox) if args.outbox else None,
+                        args.new_key_domain, progress=False if args.no_progress else None)
+    print(json.dumps(summary))
     return 0
 
 
@@ -127,6 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     key_help = "key name in the keyring (created on first use) or path of a key file; never the secret"
 
+    p = sub.add_parser("upload", help="fetch the task, encrypt DIR and upload it (the default command)")
+    p.add_argument("--key", help=key_help)
+    p.add_argument("--data", required=True, help="image folder laid out as DIR/<class>/<image>")
+    p.add_argument("--server", required=True, help="ingest service HOST:PORT")
+    p.add_argument("--token-file", help=f"file holding your upload token (mode 0600); or set $OWNER_AGENT_TOKEN")
+    p.add_argument("--split", choices=("train", "test"), default="train")
+    p.add_argument("--plain", action="store_true", help="upload without encryption (plain baseline tasks)")
+    p.add_argument("--outbox", help="where to keep the encrypted shards (default: under $OWNER_AGENT_HOME/outbox)")
+    p.add_argument("--new-key-domain", action="store_true",
+                   help="accept that this key differs from the one you uploaded with before")
+    p.add_argument("--ca-file", help="CA certificate (PEM) that signed the server's certificate")
+    p.add_argument("--client-cert", help="your client certificate (PEM), for mutual TLS")
+    p.add_argument("--client-key", help="your client certificate's private key (PEM)")
+    p.add_argument("--insecure", action="store_true", help="plaintext gRPC; only to a loopback address")
+    p.add_argument("--retries", type=int, default=8, help="attempts per step on transient failures (default 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_upload)
+
     p = sub.add_parser("encrypt", help="encrypt an image folder into shards (an outbox)")
     p.add_argument("--key", help=key_help)
     p.add_argument("--data", required=True, help="image folder laid out as DIR/<class>/<image>")
@@ -172,10 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].startswith("--") and argv[0] not in ("--help", "--version"):
+        argv = ["upload", *argv]  # `owner-agent --key K --data D --server S` is the upload command
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (KeyringError, GeometryError, TooManyBadFiles, FileExistsError, ValueError) as exc:
+    except (KeyringError, GeometryError, TooManyBadFiles, FileExistsError, ValueError, UploadError) as exc:
         print(f"owner-agent {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

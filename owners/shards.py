@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -103,18 +104,57 @@ class Manifest:
         path = Path(folder) / MANIFEST_NAME
         if not path.is_file():
             raise ValueError(f"{path} not found: not a shard folder written by owner-agent encrypt")
+        return cls.parse(path.read_bytes(), str(path))
+
+    @classmethod
+    def parse(cls, data: bytes, where: str = MANIFEST_NAME) -> "Manifest":
+        """Strict parse: a clear ValueError naming ``where`` and the field for anything off.
+
+        The cloud parses owners' manifests with this too, so it checks what it trusts: types,
+        shard names, hashes and counts that add up.
+        """
         try:
-            doc = json.loads(path.read_text("utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from None
-        if doc.get("format") != MANIFEST_FORMAT or doc.get("version") != MANIFEST_VERSION:
-            raise ValueError(f"{path}: unsupported manifest format/version")
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(doc) - known)
+            doc = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{where} is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or doc.get("version") != MANIFEST_VERSION:
+            raise ValueError(f"{where}: unsupported manifest format/version")
+        unknown = sorted(set(doc) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"{path}: unknown field(s) {', '.join(unknown)}")
-        doc["shards"] = [ShardInfo(**s) for s in doc.get("shards", [])]
-        return cls(**doc)
+            raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}")
+        try:
+            shards = [ShardInfo(**s) for s in doc.get("shards", [])]
+            manifest = cls(**{**doc, "shards": shards})
+        except TypeError as exc:
+            raise ValueError(f"{where}: malformed ({exc})") from None
+        manifest._check(where)
+        return manifest
+
+    def _check(self, where: str) -> None:
+        def need(ok: bool, field_name: str, why: str) -> None:
+            if not ok:
+                raise ValueError(f"{where}: {field_name}: {why}")
+
+        need(self.split in ("train", "test"), "split", f"{self.split!r} is not train or test")
+        need(self.scheme in ("color", "gray", "plain"), "scheme", f"{self.scheme!r} is unknown")
+        need((self.key_id is None) == (self.scheme == "plain"), "key_id", "present exactly when encrypted")
+        need(self.key_id is None or re.fullmatch(r"[0-9a-f]{16}", str(self.key_id)) is not None,
+             "key_id", "expected 16 hex digits")
+        need(isinstance(self.classes, list) and all(isinstance(c, str) for c in self.classes), "classes",
+             "expected a list of names")
+        need(isinstance(self.class_counts, list) and len(self.class_counts) == len(self.classes),
+             "class_counts", "one count per class")
+        need(sum(self.class_counts) == self.count == sum(s.count for s in self.shards), "count",
+             "does not add up over classes and shards")
+        names = set()
+        for i, shard in enumerate(self.shards):
+            need(re.fullmatch(r"shard-\d{5}\.tar", str(shard.name)) is not None, f"shards[{i}].name",
+                 f"{shard.name!r} is not shard-NNNNN.tar")
+            need(re.fullmatch(r"[0-9a-f]{64}", str(shard.sha256)) is not None, f"shards[{i}].sha256", "expected 64 hex digits")
+            need(isinstance(shard.bytes, int) and shard.bytes > 0, f"shards[{i}].bytes", "must be positive")
+            need(isinstance(shard.count, int) and shard.count > 0, f"shards[{i}].count", "must be positive")
+            need(shard.name not in names, f"shards[{i}].name", "duplicate")
+            names.add(shard.name)
 
     def write(self, folder: Path) -> None:
         atomic_write(Path(folder) / MANIFEST_NAME, self.to_json().encode("utf-8"))

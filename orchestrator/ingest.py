@@ -1,0 +1,176 @@
+"""The ingest service: gRPC in front of :class:`ShardStore`. Thin: authenticate, unpack, call, pack.
+
+Authentication: every call carries ``authorization: Bearer <token>`` metadata; the server knows
+only sha256(token) per owner (from the config) and the token alone decides the owner id.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from orchestrator.config import ClusterConfig, ConfigError, is_loopback
+from orchestrator.proto import ingest_pb2 as pb
+from orchestrator.proto import ingest_pb2_grpc as pb_grpc
+from orchestrator.store import DatasetState, ShardProgress, ShardStore, StoreError, TaskSpec
+
+log = logging.getLogger("orchestrator.ingest")
+
+CHUNK_BYTES = 1 << 20  # what clients send per message
+MAX_MESSAGE_BYTES = CHUNK_BYTES + (64 << 10)  # the server refuses anything larger (gRPC's default is 4 MiB)
+STATUS = {
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "data_loss": grpc.StatusCode.DATA_LOSS,
+    "busy": grpc.StatusCode.ABORTED,
+}
+
+
+def token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def _progress_pb(p: ShardProgress) -> pb.ShardProgress:
+    return pb.ShardProgress(name=p.name, sha256=p.sha256, size=p.size, received=p.received, stored=p.stored)
+
+
+def _state_pb(s: DatasetState) -> pb.DatasetState:
+    return pb.DatasetState(dataset_id=s.dataset_id, owner_id=s.owner, split=s.split, key_id=s.key_id or "",
+                           shards=[_progress_pb(p) for p in s.shards], committed=s.committed, images=s.images)
+
+
+class IngestServicer(pb_grpc.IngestServicer):
+    def __init__(self, store: ShardStore, run_name: str, owner_token_hashes: dict[str, str]) -> None:
+        self.store = store
+        self.run_name = run_name
+        self._owners = owner_token_hashes  # owner id -> sha256(token) hex
+
+    def _owner(self, context: grpc.ServicerContext) -> str:
+        auth = dict(context.invocation_metadata()).get("authorization", "")
+        if not auth.startswith("Bearer ") or len(auth) <= len("Bearer "):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing token (authorization: Bearer ...)")
+        presented = token_sha256(auth[len("Bearer "):])
+        owner = None
+        for owner_id, expected in self._owners.items():  # compare every entry: no early exit timing
+            if hmac.compare_digest(presented, expected):
+                owner = owner_id
+        if owner is None:
+            log.warning("rejected a call with an unknown token from %s", context.peer())
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
+        return owner
+
+    def _refuse(self, context: grpc.ServicerContext, owner: str, exc: StoreError) -> None:
+        log.info("refused %s: %s", owner, exc)
+        context.abort(STATUS[exc.kind], str(exc))
+
+    def GetTask(self, request, context):
+        owner = self._owner(context)
+        t = self.store.task
+        return pb.Task(run_name=self.run_name, classes=list(t.classes), image_size=t.image_size,
+                       block_size=t.block_size, scheme=t.scheme, format=t.format, quality=t.quality,
+                       chroma=t.chroma, owner_id=owner)
+
+    def OpenDataset(self, request, context):
+        owner = self._owner(context)
+        try:
+            state = self.store.open_dataset(owner, request.manifest_json, request.new_key_domain)
+        except StoreError as exc:
+            self._refuse(context, owner, exc)
+        log.info("owner %s opened dataset %s (%s, key %s, %d images, %d shards)", owner, state.dataset_id[:12],
+                 state.split, state.key_id, state.images, len(state.shards))
+        return _state_pb(state)
+
+    def UploadShard(self, request_iterator, context):
+        owner = self._owner(context)
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must carry the shard header")
+        h = first.header
+        upload = None
+        try:
+            upload = self.store.begin_upload(owner, h.dataset_id, h.shard_sha256, h.offset)
+            for message in _chain(first, request_iterator):
+                if message.data:
+                    upload.write(message.data, message.data_sha256)
+            progress = upload.finish()
+        except StoreError as exc:
+            if upload is not None:
+                upload.abort()
+            self._refuse(context, owner, exc)
+        finally:
+            if upload is not None:
+                upload.abort()  # client went away mid-stream: keep what arrived, free the shard
+        if progress.stored:
+            log.info("owner %s stored shard %s (%d bytes)", owner, h.shard_sha256[:12], progress.size)
+        return pb.ShardState(progress=_progress_pb(progress))
+
+    def CommitDataset(self, request, context):
+        owner = self._owner(context)
+        try:
+            state = self.store.commit_dataset(owner, request.dataset_id)
+        except StoreError as exc:
+            self._refuse(context, owner, exc)
+        log.info("owner %s committed dataset %s (%s, %d images)", owner, state.dataset_id[:12], state.split,
+                 state.images)
+        return _state_pb(state)
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _read(path: Path | None) -> bytes | None:
+    return None if path is None else Path(path).read_bytes()
+
+
+def start_ingest(cfg: ClusterConfig, listen: str | None = None, workers: int = 8) -> tuple[grpc.Server, int, ShardStore]:
+    """Start the ingest server (non-blocking). Returns the server, its bound port, and the store."""
+    ing = cfg.ingest
+    listen = listen or ing.listen
+    if not ing.owners:
+        raise ConfigError("ingest.owners: no owner may upload; add at least one {id, token_sha256}")
+    if ing.tls is None and not (ing.insecure_loopback and is_loopback(listen)):
+        raise ConfigError("ingest.tls: refusing to accept tokens without TLS off loopback")
+    t = cfg.task
+    store = ShardStore(Path(ing.store) / cfg.name,
+                       TaskSpec(t.classes, t.image_size, t.block_size, t.scheme, t.format, t.quality, t.chroma),
+                       ing.max_shard_bytes)
+    _log_to_store(store.root)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers),
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+    )
+    pb_grpc.add_IngestServicer_to_server(
+        IngestServicer(store, cfg.name, {o.id: o.token_sha256 for o in ing.owners}), server)
+    if ing.tls is None:
+        port = server.add_insecure_port(listen)
+    else:
+        creds = grpc.ssl_server_credentials(
+            [(_read(ing.tls.key), _read(ing.tls.cert))],
+            root_certificates=_read(ing.tls.client_ca),
+            require_client_auth=ing.tls.client_ca is not None,
+        )
+        port = server.add_secure_port(listen, creds)
+    if port == 0:
+        raise ConfigError(f"ingest.listen: cannot listen on {listen} (address in use?)")
+    server.start()
+    log.info("ingest for run %s listening on %s (%s), store %s", cfg.name, listen.rpartition(":")[0] + f":{port}",
+             "TLS" if ing.tls else "plaintext, loopback only", store.root)
+    return server, port, store
+
+
+def _log_to_store(root: Path) -> None:
+    (root / "logs").mkdir(exist_ok=True)
+    path = root / "logs" / "ingest.log"
+    if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in log.handlers):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)

@@ -1,0 +1,296 @@
+"""The cloud's shard store: content-addressed files plus a SQLite catalog.
+
+    STORE/objects/<aa>/<sha256>            verified shards, read-only, stored once whoever sent them
+    STORE/incoming/<owner>/<sha256>.part   uploads in progress; never visible as objects
+    STORE/catalog.sqlite                   owners' key domains, datasets, their shards and counts
+
+A shard becomes an object only after its whole content matched its sha256, by an atomic rename.
+Owners never read through this API, and content addressing means nobody can overwrite anybody's
+data: the same name always holds the same bytes. Identical shards are stored once on disk, but
+an owner holds a shard only after sending all of its bytes itself: knowing a hash is not enough
+to claim somebody else's data for training. Everything an owner sends is checked here,
+transport-independent; the gRPC servicer only translates.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from owners.shards import Manifest  # the shared file format; no key material
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS key_domains (
+    owner TEXT NOT NULL, key_id TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (owner, key_id));
+CREATE TABLE IF NOT EXISTS datasets (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, split TEXT NOT NULL, key_id TEXT, scheme TEXT NOT NULL,
+    images INTEGER NOT NULL, manifest TEXT NOT NULL, committed INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS dataset_shards (
+    dataset_id TEXT NOT NULL REFERENCES datasets(id), name TEXT NOT NULL, sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL, images INTEGER NOT NULL, PRIMARY KEY (dataset_id, name));
+CREATE TABLE IF NOT EXISTS objects (sha256 TEXT PRIMARY KEY, size INTEGER NOT NULL, stored REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS owner_objects (
+    owner TEXT NOT NULL, sha256 TEXT NOT NULL REFERENCES objects(sha256), PRIMARY KEY (owner, sha256));
+"""
+
+
+class StoreError(Exception):
+    """A refused request. ``kind`` maps to a gRPC status in the servicer."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # not_found | failed_precondition | invalid_argument | data_loss | busy
+
+
+@dataclass(frozen=True)
+class ShardProgress:
+    name: str
+    sha256: str
+    size: int
+    received: int  # bytes held; == size once stored
+    stored: bool
+
+
+@dataclass(frozen=True)
+class DatasetState:
+    dataset_id: str
+    owner: str
+    split: str
+    key_id: str | None
+    shards: tuple[ShardProgress, ...]
+    committed: bool
+    images: int
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What every dataset must match (the config's task, without transport concerns)."""
+
+    classes: tuple[str, ...]
+    image_size: int
+    block_size: int
+    scheme: str
+    format: str
+    quality: int
+    chroma: str
+
+
+class ShardStore:
+    def __init__(self, root: Path, task: TaskSpec, max_shard_bytes: int = 1 << 30) -> None:
+        self.root = Path(root)
+        self.task = task
+        self.max_shard_bytes = max_shard_bytes
+        for sub in ("objects", "incoming"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._db_lock = threading.Lock()
+        self._db = sqlite3.connect(self.root / "catalog.sqlite", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+        self._uploads_lock = threading.Lock()
+        self._uploads_in_progress: set[tuple[str, str]] = set()
+
+    def close(self) -> None:
+        with self._db_lock:
+            self._db.close()
+
+    # ------------------------------------------------------------------ paths and catalog
+
+    def object_path(self, sha256: str) -> Path:
+        return self.root / "objects" / sha256[:2] / sha256
+
+    def _partial_path(self, owner: str, sha256: str) -> Path:
+        return self.root / "incoming" / owner / f"{sha256}.part"
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._db_lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _is_stored(self, owner: str, sha256: str) -> bool:
+        return bool(self._query("SELECT 1 FROM owner_objects WHERE owner = ? AND sha256 = ?", (owner, sha256)))
+
+    # ------------------------------------------------------------------ datasets
+
+    def _check_task(self, m: Manifest) -> None:
+        t = self.task
+        expected = {
+            "classes": (list(m.classes), list(t.classes)),
+            "image_size": (m.image_size, t.image_size),
+            "scheme": (m.scheme, t.scheme),
+            "codec.format": (m.codec.get("format"), t.format),
+        }
+        if t.scheme != "plain":
+            expected["block_size"] = (m.block_size, t.block_size)
+        if t.format == "jpeg":
+            expected["codec.quality"] = (m.codec.get("quality"), t.quality)
+            expected["codec.chroma"] = (m.codec.get("chroma"), t.chroma)
+        for name, (got, want) in expected.items():
+            if got != want:
+                raise StoreError("failed_precondition",
+                                 f"manifest {name} is {got!r} but the task says {want!r}: re-encrypt for this task")
+        for shard in m.shards:
+            if shard.bytes > self.max_shard_bytes:
+                raise StoreError("invalid_argument", f"{shard.name} is {shard.bytes} bytes, over the "
+                                                     f"{self.max_shard_bytes}-byte limit")
+
+    def open_dataset(self, owner: str, manifest_json: bytes, new_key_domain: bool = False) -> DatasetState:
+        try:
+            manifest = Manifest.parse(manifest_json, "manifest.json")
+        except ValueError as exc:
+            raise StoreError("invalid_argument", str(exc)) from None
+        self._check_task(manifest)
+        dataset_id = hashlib.sha256(owner.encode() + b"\0" + manifest_json).hexdigest()
+        with self._db_lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if manifest.key_id is not None:
+                    known = [r[0] for r in db.execute("SELECT key_id FROM key_domains WHERE owner = ?", (owner,))]
+                    if known and manifest.key_id not in known and not new_key_domain:
+                        raise StoreError(
+                            "failed_precondition",
+                            f"owner {owner} uploaded before with key id {', '.join(known)}; this data has key id "
+                            f"{manifest.key_id}. A model trained on one cannot classify the other. If you meant "
+                            "to start a new key domain, rerun with --new-key-domain")
+                    db.execute("INSERT OR IGNORE INTO key_domains VALUES (?, ?, ?)", (owner, manifest.key_id, time.time()))
+                exists = db.execute("SELECT 1 FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
+                if not exists:
+                    db.execute("INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
+                               (dataset_id, owner, manifest.split, manifest.key_id, manifest.scheme,
+                                manifest.count, manifest_json.decode("utf-8"), time.time()))
+                    db.executemany("INSERT INTO dataset_shards VALUES (?, ?, ?, ?, ?)",
+                                   [(dataset_id, s.name, s.sha256, s.bytes, s.count) for s in manifest.shards])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return self.dataset_state(owner, dataset_id)
+
+    def dataset_state(self, owner: str, dataset_id: str) -> DatasetState:
+        row = self._query("SELECT owner, split, key_id, committed, images FROM datasets WHERE id = ?", (dataset_id,))
+        if not row or row[0][0] != owner:  # another owner's dataset looks exactly like a missing one
+            raise StoreError("not_found", f"no dataset {dataset_id} for owner {owner}: open it first")
+        _, split, key_id, committed, images = row[0]
+        shards = []
+        for name, sha, size in self._query(
+                "SELECT name, sha256, size FROM dataset_shards WHERE dataset_id = ? ORDER BY name", (dataset_id,)):
+            stored = self._is_stored(owner, sha)
+            partial = self._partial_path(owner, sha)
+            received = size if stored else (partial.stat().st_size if partial.exists() else 0)
+            shards.append(ShardProgress(name, sha, size, received, stored))
+        return DatasetState(dataset_id, owner, split, key_id, tuple(shards), bool(committed), images)
+
+    def commit_dataset(self, owner: str, dataset_id: str) -> DatasetState:
+        state = self.dataset_state(owner, dataset_id)
+        missing = [s.name for s in state.shards if not s.stored]
+        if missing:
+            raise StoreError("failed_precondition", f"cannot commit: {len(missing)} shard(s) not uploaded yet "
+                                                    f"({', '.join(missing[:5])})")
+        self._query("UPDATE datasets SET committed = 1 WHERE id = ?", (dataset_id,))
+        return self.dataset_state(owner, dataset_id)
+
+    # ------------------------------------------------------------------ shard uploads
+
+    def begin_upload(self, owner: str, dataset_id: str, sha256: str, offset: int) -> "ShardUpload":
+        rows = self._query("SELECT d.owner, s.size FROM dataset_shards s JOIN datasets d ON d.id = s.dataset_id "
+                           "WHERE s.dataset_id = ? AND s.sha256 = ?", (dataset_id, sha256))
+        if not rows or rows[0][0] != owner:
+            raise StoreError("not_found", f"shard {sha256[:12]}... is not part of dataset {dataset_id} of {owner}")
+        size = rows[0][1]
+        key = (owner, sha256)
+        with self._uploads_lock:
+            if key in self._uploads_in_progress:
+                raise StoreError("busy", f"another upload of shard {sha256[:12]}... is in progress")
+            self._uploads_in_progress.add(key)
+        try:
+            return ShardUpload(self, owner, sha256, size, offset)
+        except BaseException:
+            self._end_upload(key)
+            raise
+
+    def _end_upload(self, key: tuple[str, str]) -> None:
+        with self._uploads_lock:
+            self._uploads_in_progress.discard(key)
+
+    def _store_object(self, owner: str, partial: Path, sha256: str, size: int) -> None:
+        target = self.object_path(sha256)
+        target.parent.mkdir(exist_ok=True)
+        if target.exists():  # the same bytes arrived from elsewhere: keep one copy
+            partial.unlink()
+        else:
+            os.chmod(partial, 0o444)
+            os.replace(partial, target)
+        self._query("INSERT OR IGNORE INTO objects VALUES (?, ?, ?)", (sha256, size, time.time()))
+        self._query("INSERT OR IGNORE INTO owner_objects VALUES (?, ?)", (owner, sha256))
+
+    # ------------------------------------------------------------------ reading (cloud side only)
+
+    def committed_datasets(self) -> list[dict]:
+        """Catalog rows of committed datasets: what training may read."""
+        rows = self._query("SELECT id, owner, split, key_id, scheme, images, manifest FROM datasets "
+                           "WHERE committed = 1 ORDER BY owner, split, created")
+        return [{"id": r[0], "owner": r[1], "split": r[2], "key_id": r[3], "scheme": r[4], "images": r[5],
+                 "manifest": json.loads(r[6])} for r in rows]
+
+
+class ShardUpload:
+    """One upload stream of one shard: append verified chunks from the server's offset on."""
+
+    def __init__(self, store: ShardStore, owner: str, sha256: str, size: int, offset: int) -> None:
+        self.store, self.owner, self.sha256, self.size = store, owner, sha256, size
+        self.partial = store._partial_path(owner, sha256)
+        self.stored = store._is_stored(owner, sha256)
+        held = size if self.stored else (self.partial.stat().st_size if self.partial.exists() else 0)
+        if offset != held:
+            raise StoreError("failed_precondition", f"upload starts at byte {offset} but the server holds {held} "
+                                                    f"bytes of this shard; resume from {held}")
+        self.received = held
+        self._file = None
+
+    def write(self, data: bytes, data_sha256: bytes) -> None:
+        if self.stored:
+            raise StoreError("failed_precondition", "shard already stored; nothing more to send")
+        if hashlib.sha256(data).digest() != data_sha256:
+            raise StoreError("data_loss", f"chunk at byte {self.received} does not match its sha256; not stored")
+        if self.received + len(data) > self.size:
+            raise StoreError("invalid_argument", f"chunk at byte {self.received} runs past the shard's "
+                                                 f"{self.size} bytes")
+        if self._file is None:
+            self.partial.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.partial, "ab")
+        self._file.write(data)
+        self._file.flush()
+        self.received += len(data)
+
+    def finish(self) -> ShardProgress:
+        """Close the stream; store the shard if it is complete and its sha256 matches."""
+        try:
+            if self._file is not None:
+                os.fsync(self._file.fileno())
+                self._file.close()
+                self._file = None
+            if not self.stored and self.received == self.size:
+                digest = hashlib.sha256()
+                with open(self.partial, "rb") as f:
+                    while block := f.read(1 << 20):
+                        digest.update(block)
+                if digest.hexdigest() != self.sha256:
+                    self.partial.unlink()
+                    raise StoreError("data_loss", f"shard {self.sha256[:12]}... arrived complete but its sha256 "
+                                                  "does not match; discarded, upload it again")
+                self.store._store_object(self.owner, self.partial, self.sha256, self.size)
+                self.stored = True
+            return ShardProgress("", self.sha256, self.size, self.received, self.stored)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.store._end_upload((self.owner, self.sha256))

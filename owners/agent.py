@@ -1,0 +1,95 @@
+"""The owner agent's main job: fetch the task, prepare an encrypted outbox, upload it, resumably.
+
+    owner-agent --key NAME --data DIR --server HOST:PORT --token-file F [--split train|test]
+
+Rerunning the same command after any crash continues: the outbox is reused when the input files,
+the task and the key are unchanged (checked by a fingerprint kept in ``local/source.json``), and
+the upload resumes from what the server holds.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from owners.images import scan_image_folder
+from owners.keys import OwnerKey, keyring_dir
+from owners.prepare import LOCAL_DIR, EncryptSettings, encrypt_folder
+from owners.shards import MANIFEST_NAME, Codec, atomic_write
+from owners.upload import Connection, IngestClient, upload_outbox
+
+
+def settings_for_task(task, split: str) -> EncryptSettings:
+    """The encryption settings a task (from the server) asks for."""
+    return EncryptSettings(
+        image_size=task.image_size,
+        block_size=task.block_size,
+        scheme=task.scheme,
+        codec=Codec(task.format, task.quality, task.chroma),
+        split=split,
+        classes=tuple(task.classes),
+    )
+
+
+def default_outbox(server: str, run_name: str, owner_id: str, split: str, key_id: str | None) -> Path:
+    safe_server = server.replace(":", "_").replace("/", "_")
+    return keyring_dir().parent / "outbox" / safe_server / run_name / owner_id / f"{split}-{key_id or 'plain'}"
+
+
+def source_fingerprint(data: Path, settings: EncryptSettings, key_id: str | None) -> str:
+    """Changes when an input file, the task's settings or the key changes."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"settings": asdict(settings), "key_id": key_id, "data": str(Path(data).resolve())},
+                        sort_keys=True).encode())
+    for item in scan_image_folder(data, settings.classes).images:
+        st = item.path.stat()
+        h.update(f"{item.relpath}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def prepare_outbox(data: Path, outbox: Path, key: OwnerKey | None, settings: EncryptSettings,
+                   progress: bool | None, log=print) -> None:
+    fingerprint = source_fingerprint(data, settings, None if key is None else key.key_id)
+    marker = outbox / LOCAL_DIR / "source.json"
+    if (outbox / MANIFEST_NAME).exists() and marker.exists():
+        if json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+            log(f"outbox {outbox} is up to date; not encrypting again")
+            return
+    summary = encrypt_folder(data, outbox, key, settings, overwrite=True, progress=progress)
+    atomic_write(marker, json.dumps({"fingerprint": fingerprint}).encode())
+    log(summary.line())
+
+
+def run_agent(key: OwnerKey | None, data: Path, conn: Connection, split: str, outbox: Path | None = None,
+              new_key_domain: bool = False, progress: bool | None = None) -> dict:
+    """Fetch the task, encrypt ``data`` for it, upload and commit. Returns a summary dict."""
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    client = IngestClient(conn, log)
+    try:
+        task = client.get_task()
+        if (task.scheme == "plain") != (key is None):
+            raise ValueError(f"the server's task uses scheme {task.scheme!r}: "
+                             + ("use --plain (no key)" if task.scheme == "plain" else "a --key is required"))
+        settings = settings_for_task(task, split)
+        log(f"task {task.run_name!r}: {len(task.classes)} classes, {task.image_size}x{task.image_size}, "
+            f"{task.scheme} (block {task.block_size}), {task.format}; you are {task.owner_id!r}")
+        outbox = outbox or default_outbox(conn.server, task.run_name, task.owner_id, split,
+                                          None if key is None else key.key_id)
+        outbox.mkdir(parents=True, exist_ok=True)
+        os.chmod(outbox, 0o700)
+        prepare_outbox(data, outbox, key, settings, progress, log)
+        state = upload_outbox(outbox, client, new_key_domain, progress)
+    finally:
+        client.close()
+    summary = {"dataset_id": state.dataset_id, "owner": state.owner_id, "split": state.split,
+               "key_id": state.key_id or None, "images": state.images, "shards": len(state.shards),
+               "committed": state.committed, "outbox": str(outbox)}
+    log(f"uploaded and committed: {state.images} images in {len(state.shards)} shard(s), "
+        f"{split} split, dataset {state.dataset_id[:12]}")
+    return summary

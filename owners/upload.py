@@ -1,0 +1,204 @@
+"""Upload an outbox (manifest.json + shards) to the ingest service, resumably.
+
+The server is the source of truth for progress: before each shard the client asks how many bytes
+the server holds and streams from there, so a rerun after a crash (of either side) never resends
+a finished shard and never duplicates one. Transient failures (server restarting, network down,
+deadline) are retried with exponential backoff and jitter; every call has a deadline.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import stat
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import grpc
+from tqdm import tqdm
+
+from orchestrator.proto import ingest_pb2 as pb
+from orchestrator.proto import ingest_pb2_grpc as pb_grpc
+from owners.shards import MANIFEST_NAME, Manifest
+
+CHUNK_BYTES = 1 << 20  # per message; the server refuses messages much larger than this
+TOKEN_ENV = "OWNER_AGENT_TOKEN"
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
+             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN)
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+class UploadError(Exception):
+    """The upload cannot go on; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Connection:
+    server: str  # HOST:PORT
+    token: str
+    ca_file: Path | None = None  # server's CA (PEM); None: system roots, or plaintext on loopback
+    client_cert: Path | None = None  # mutual TLS
+    client_key: Path | None = None
+    insecure: bool = False  # plaintext; allowed on loopback only
+    retries: int = 8  # attempts per step before giving up
+    call_timeout: float = 30.0  # seconds, small calls
+    min_upload_rate: float = 256 * 1024  # bytes/s assumed when sizing an upload's deadline
+
+    def __repr__(self) -> str:  # never print the token
+        return f"Connection(server={self.server!r}, tls={not self.insecure})"
+
+
+def read_token(token_file: str | None) -> str:
+    """The owner's upload token from a file (0600) or $OWNER_AGENT_TOKEN; never from argv."""
+    if token_file:
+        path = Path(token_file)
+        if not path.is_file():
+            raise UploadError(f"token file {path} does not exist")
+        if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise UploadError(f"token file {path} is readable by other users; chmod 600 {path}")
+        token = path.read_text("utf-8").strip()
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise UploadError(f"no upload token: pass --token-file FILE or set {TOKEN_ENV}")
+    return token
+
+
+def open_channel(conn: Connection) -> grpc.Channel:
+    host = conn.server.rpartition(":")[0]
+    options = [("grpc.max_send_message_length", CHUNK_BYTES + (64 << 10)),
+               ("grpc.max_receive_message_length", 4 << 20)]
+    plaintext = conn.insecure or (conn.ca_file is None and conn.client_cert is None and host in LOOPBACK)
+    if plaintext:
+        if host not in LOOPBACK:
+            raise UploadError(f"refusing to send the token in clear text to {conn.server}: plaintext is for loopback only")
+        return grpc.insecure_channel(conn.server, options=options)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=conn.ca_file.read_bytes() if conn.ca_file else None,
+        private_key=conn.client_key.read_bytes() if conn.client_key else None,
+        certificate_chain=conn.client_cert.read_bytes() if conn.client_cert else None,
+    )
+    return grpc.secure_channel(conn.server, creds, options=options)
+
+
+class IngestClient:
+    def __init__(self, conn: Connection, log: Callable[[str], None] | None = None) -> None:
+        self.conn = conn
+        self.channel = open_channel(conn)
+        self.stub = pb_grpc.IngestStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {conn.token}"),)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _retry(self, what: str, call: Callable[[], object]) -> object:
+        """Run ``call``; retry transient failures with backoff; turn the rest into UploadError."""
+        for attempt in range(self.conn.retries):
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.UNAUTHENTICATED:
+                    raise UploadError(f"{what}: the server rejected the token ({exc.details()})") from None
+                if code not in RETRYABLE or attempt == self.conn.retries - 1:
+                    raise UploadError(f"{what}: {code.name}: {exc.details()}") from None
+                delay = min(30.0, 0.5 * 2**attempt) * (0.5 + random.random())
+                self.log(f"{what}: {code.name} ({exc.details()}); retrying in {delay:.1f} s "
+                         f"(attempt {attempt + 2} of {self.conn.retries})")
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def get_task(self) -> pb.Task:
+        return self._retry("get task", lambda: self.stub.GetTask(
+            pb.GetTaskRequest(), metadata=self.metadata, timeout=self.conn.call_timeout))
+
+    def open_dataset(self, manifest_json: bytes, new_key_domain: bool) -> pb.DatasetState:
+        return self._retry("open dataset", lambda: self.stub.OpenDataset(
+            pb.OpenDatasetRequest(manifest_json=manifest_json, new_key_domain=new_key_domain),
+            metadata=self.metadata, timeout=self.conn.call_timeout))
+
+    def commit(self, dataset_id: str) -> pb.DatasetState:
+        return self._retry("commit dataset", lambda: self.stub.CommitDataset(
+            pb.CommitDatasetRequest(dataset_id=dataset_id), metadata=self.metadata,
+            timeout=self.conn.call_timeout * 4))
+
+    def upload_shard(self, path: Path, dataset_id: str, sha256: str, offset: int,
+                     on_bytes: Callable[[int], None]) -> pb.ShardState:
+        size = path.stat().st_size
+        deadline = self.conn.call_timeout + (size - offset) / self.conn.min_upload_rate
+        return self.stub.UploadShard(_chunks(path, dataset_id, sha256, offset, on_bytes),
+                                     metadata=self.metadata, timeout=deadline)
+
+
+def _chunks(path: Path, dataset_id: str, sha256: str, offset: int,
+            on_bytes: Callable[[int], None]) -> Iterator[pb.ShardChunk]:
+    header = pb.ShardHeader(dataset_id=dataset_id, shard_sha256=sha256, offset=offset)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        first = True
+        while True:
+            data = f.read(CHUNK_BYTES)
+            if not data and not first:
+                return
+            chunk = pb.ShardChunk(data=data, data_sha256=hashlib.sha256(data).digest())
+            if first:
+                chunk.header.CopyFrom(header)
+                first = False
+            yield chunk
+            on_bytes(len(data))
+            if not data:
+                return
+
+
+def upload_outbox(outbox: Path, client: IngestClient, new_key_domain: bool = False,
+                  progress: bool | None = None) -> pb.DatasetState:
+    """Upload every shard of ``outbox`` the server does not hold yet, then commit the dataset."""
+    manifest_json = (Path(outbox) / MANIFEST_NAME).read_bytes()
+    manifest = Manifest.parse(manifest_json, str(Path(outbox) / MANIFEST_NAME))
+    files = {s.name: s for s in manifest.shards}
+    state = client.open_dataset(manifest_json, new_key_domain)
+    total = sum(s.size for s in state.shards)
+    done = sum(s.received for s in state.shards)
+    bar = tqdm(total=total, initial=done, unit="B", unit_scale=True, desc="upload", file=sys.stderr,
+               disable=progress is False or (progress is None and not sys.stderr.isatty()))
+    try:
+        for attempt in range(client.conn.retries):
+            pending = [s for s in state.shards if not s.stored]
+            if not pending:
+                break
+            for shard in pending:
+                info = files.get(shard.name)
+                if info is None or info.sha256 != shard.sha256:
+                    raise UploadError(f"server lists shard {shard.name} that this outbox does not hold")
+                bar.n = done = sum(s.received for s in state.shards if s.name != shard.name) + shard.received
+                bar.refresh()
+                try:
+                    client.upload_shard(Path(outbox) / shard.name, state.dataset_id, shard.sha256,
+                                        shard.received, bar.update)
+                except grpc.RpcError as exc:
+                    code = exc.code()
+                    if code == grpc.StatusCode.UNAUTHENTICATED:
+                        raise UploadError(f"upload: the server rejected the token ({exc.details()})") from None
+                    if code not in RETRYABLE and code not in (grpc.StatusCode.FAILED_PRECONDITION,
+                                                              grpc.StatusCode.DATA_LOSS):
+                        raise UploadError(f"upload of {shard.name}: {code.name}: {exc.details()}") from None
+                    delay = min(30.0, 0.5 * 2**attempt) * (0.5 + random.random())
+                    client.log(f"upload of {shard.name}: {code.name} ({exc.details()}); asking the server "
+                               f"where to resume in {delay:.1f} s")
+                    time.sleep(delay)
+                    break  # re-read the server's progress, then go on
+            state = client.open_dataset(manifest_json, new_key_domain)
+        else:
+            missing = [s.name for s in state.shards if not s.stored]
+            if missing:
+                raise UploadError(f"gave up after {client.conn.retries} attempts; {len(missing)} shard(s) "
+                                  "not stored. Rerun the same command to resume")
+        bar.n = total
+        bar.refresh()
+    finally:
+        bar.close()
+    return client.commit(state.dataset_id)
