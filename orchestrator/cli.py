@@ -27,14 +27,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     cfg = load_config(args.config)
-    server, port, store = start_ingest(cfg)
+    service = start_ingest(cfg)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"ingest service for {cfg.name!r} on port {port}; store {store.root}; Ctrl-C stops", file=sys.stderr, flush=True)
+    print(f"ingest service for {cfg.name!r} on port {service.port}; store {service.store.root}; Ctrl-C stops",
+          file=sys.stderr, flush=True)
     stop.wait()
-    server.stop(grace=5).wait()
-    store.close()
+    service.stop(grace=5)
     print("ingest service stopped", file=sys.stderr)
     return 0
 

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import logging
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -129,8 +130,22 @@ def _read(path: Path | None) -> bytes | None:
     return None if path is None else Path(path).read_bytes()
 
 
-def start_ingest(cfg: ClusterConfig, listen: str | None = None, workers: int = 8) -> tuple[grpc.Server, int, ShardStore]:
-    """Start the ingest server (non-blocking). Returns the server, its bound port, and the store."""
+@dataclass
+class IngestService:
+    server: grpc.Server
+    port: int  # the bound port (useful with port 0)
+    store: ShardStore
+    log_handler: logging.Handler
+
+    def stop(self, grace: float | None = None) -> None:
+        self.server.stop(grace).wait()
+        self.store.close()
+        log.removeHandler(self.log_handler)
+        self.log_handler.close()
+
+
+def start_ingest(cfg: ClusterConfig, listen: str | None = None, workers: int = 8) -> IngestService:
+    """Start the ingest server (non-blocking); ``listen`` overrides the config's address."""
     ing = cfg.ingest
     listen = listen or ing.listen
     if not ing.owners:
@@ -141,7 +156,7 @@ def start_ingest(cfg: ClusterConfig, listen: str | None = None, workers: int = 8
     store = ShardStore(Path(ing.store) / cfg.name,
                        TaskSpec(t.classes, t.image_size, t.block_size, t.scheme, t.format, t.quality, t.chroma),
                        ing.max_shard_bytes)
-    _log_to_store(store.root)
+    handler = _log_to_store(store.root)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -163,14 +178,14 @@ def start_ingest(cfg: ClusterConfig, listen: str | None = None, workers: int = 8
     server.start()
     log.info("ingest for run %s listening on %s (%s), store %s", cfg.name, listen.rpartition(":")[0] + f":{port}",
              "TLS" if ing.tls else "plaintext, loopback only", store.root)
-    return server, port, store
+    return IngestService(server, port, store, handler)
 
 
-def _log_to_store(root: Path) -> None:
+def _log_to_store(root: Path) -> logging.Handler:
+    """Log to STORE/logs/ingest.log as well: the store keeps its own history."""
     (root / "logs").mkdir(exist_ok=True)
-    path = root / "logs" / "ingest.log"
-    if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in log.handlers):
-        handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
+    handler = logging.FileHandler(root / "logs" / "ingest.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
     log.setLevel(logging.INFO)
+    return handler

@@ -22,9 +22,10 @@ from owners.shards import MANIFEST_NAME, Codec, atomic_write
 from owners.upload import Connection, IngestClient, upload_outbox
 
 
-def settings_for_task(task, split: str) -> EncryptSettings:
+def settings_for_task(task, split: str, shard_images: int = 10_000) -> EncryptSettings:
     """The encryption settings a task (from the server) asks for."""
     return EncryptSettings(
+        shard_images=shard_images,
         image_size=task.image_size,
         block_size=task.block_size,
         scheme=task.scheme,
@@ -64,7 +65,7 @@ def prepare_outbox(data: Path, outbox: Path, key: OwnerKey | None, settings: Enc
 
 
 def run_agent(key: OwnerKey | None, data: Path, conn: Connection, split: str, outbox: Path | None = None,
-              new_key_domain: bool = False, progress: bool | None = None) -> dict:
+              new_key_domain: bool = False, progress: bool | None = None, shard_images: int = 10_000) -> dict:
     """Fetch the task, encrypt ``data`` for it, upload and commit. Returns a summary dict."""
 
     def log(msg: str) -> None:
@@ -76,7 +77,7 @@ def run_agent(key: OwnerKey | None, data: Path, conn: Connection, split: str, ou
         if (task.scheme == "plain") != (key is None):
             raise ValueError(f"the server's task uses scheme {task.scheme!r}: "
                              + ("use --plain (no key)" if task.scheme == "plain" else "a --key is required"))
-        settings = settings_for_task(task, split)
+        settings = settings_for_task(task, split, shard_images)
         log(f"task {task.run_name!r}: {len(task.classes)} classes, {task.image_size}x{task.image_size}, "
             f"{task.scheme} (block {task.block_size}), {task.format}; you are {task.owner_id!r}")
         outbox = outbox or default_outbox(conn.server, task.run_name, task.owner_id, split,

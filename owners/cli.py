@@ -79,10 +79,11 @@ def cmd_upload(args: argparse.Namespace) -> int:
         ca_file=Path(args.ca_file) if args.ca_file else None,
         client_cert=Path(args.client_cert) if args.client_cert else None,
         client_key=Path(args.client_key) if args.client_key else None,
-        insecure=args.insecure, retries=args.retries,
+        insecure=args.insecure, retries=args.retries, max_rate=args.max_rate,
     )
     summary = run_agent(key, Path(args.data), conn, args.split, Path(args.outbox) if args.outbox else None,
-                        args.new_key_domain, progress=False if args.no_progress else None)
+                        args.new_key_domain, progress=False if args.no_progress else None,
+                        shard_images=args.shard_images)
     print(json.dumps(summary))
     return 0
 
@@ -163,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-key", help="your client certificate's private key (PEM)")
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC; only to a loopback address")
     p.add_argument("--retries", type=int, default=8, help="attempts per step on transient failures (default 8)")
+    p.add_argument("--max-rate", type=float, help="upload bandwidth cap in bytes/s (default: none)")
+    p.add_argument("--shard-images", type=int, default=10_000, help="images per shard (default 10000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_upload)
 

@@ -46,6 +46,7 @@ class Connection:
     retries: int = 8  # attempts per step before giving up
     call_timeout: float = 30.0  # seconds, small calls
     min_upload_rate: float = 256 * 1024  # bytes/s assumed when sizing an upload's deadline
+    max_rate: float | None = None  # bytes/s cap on upload bandwidth (shared hospital links); None: no cap
 
     def __repr__(self) -> str:  # never print the token
         return f"Connection(server={self.server!r}, tls={not self.insecure})"
@@ -70,7 +71,10 @@ def read_token(token_file: str | None) -> str:
 def open_channel(conn: Connection) -> grpc.Channel:
     host = conn.server.rpartition(":")[0]
     options = [("grpc.max_send_message_length", CHUNK_BYTES + (64 << 10)),
-               ("grpc.max_receive_message_length", 4 << 20)]
+               ("grpc.max_receive_message_length", 4 << 20),
+               # reconnect soon after a server restart (gRPC's default backoff grows to 2 minutes)
+               ("grpc.initial_reconnect_backoff_ms", 500),
+               ("grpc.max_reconnect_backoff_ms", 5000)]
     plaintext = conn.insecure or (conn.ca_file is None and conn.client_cert is None and host in LOOPBACK)
     if plaintext:
         if host not in LOOPBACK:
@@ -129,19 +133,28 @@ class IngestClient:
     def upload_shard(self, path: Path, dataset_id: str, sha256: str, offset: int,
                      on_bytes: Callable[[int], None]) -> pb.ShardState:
         size = path.stat().st_size
-        deadline = self.conn.call_timeout + (size - offset) / self.conn.min_upload_rate
-        return self.stub.UploadShard(_chunks(path, dataset_id, sha256, offset, on_bytes),
+        rate = min(self.conn.min_upload_rate, self.conn.max_rate or float("inf"))
+        deadline = self.conn.call_timeout + (size - offset) / rate
+        return self.stub.UploadShard(_chunks(path, dataset_id, sha256, offset, on_bytes, self.conn.max_rate),
                                      metadata=self.metadata, timeout=deadline)
 
 
-def _chunks(path: Path, dataset_id: str, sha256: str, offset: int,
-            on_bytes: Callable[[int], None]) -> Iterator[pb.ShardChunk]:
+def _chunks(path: Path, dataset_id: str, sha256: str, offset: int, on_bytes: Callable[[int], None],
+            max_rate: float | None) -> Iterator[pb.ShardChunk]:
     header = pb.ShardHeader(dataset_id=dataset_id, shard_sha256=sha256, offset=offset)
+    # With a rate cap, send about four chunks a second so the cap is smooth.
+    chunk_bytes = CHUNK_BYTES if max_rate is None else max(4096, min(CHUNK_BYTES, int(max_rate / 4)))
+    started, sent = time.monotonic(), 0
     with open(path, "rb") as f:
         f.seek(offset)
         first = True
         while True:
-            data = f.read(CHUNK_BYTES)
+            if max_rate is not None:
+                ahead = sent / max_rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)  # bandwidth cap
+            data = f.read(chunk_bytes)
+            sent += len(data)
             if not data and not first:
                 return
             chunk = pb.ShardChunk(data=data, data_sha256=hashlib.sha256(data).digest())
