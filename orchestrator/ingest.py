@@ -29,6 +29,7 @@ STATUS = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
     "data_loss": grpc.StatusCode.DATA_LOSS,
     "busy": grpc.StatusCode.ABORTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -92,20 +93,20 @@ class IngestServicer(pb_grpc.IngestServicer):
         if first is None or not first.HasField("header"):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must carry the shard header")
         h = first.header
-        upload = None
         try:
             upload = self.store.begin_upload(owner, h.dataset_id, h.shard_sha256, h.offset)
+        except StoreError as exc:
+            self._refuse(context, owner, exc)
+        try:
             for message in _chain(first, request_iterator):
                 if message.data:
-                    upload.write(message.data, message.data_sha256)
+                    upload.write(message.data, message.data_crc32)
             progress = upload.finish()
         except StoreError as exc:
-            if upload is not None:
-                upload.abort()
+            upload.abort()
             self._refuse(context, owner, exc)
         finally:
-            if upload is not None:
-                upload.abort()  # client went away mid-stream: keep what arrived, free the shard
+            upload.abort()  # idempotent; covers a client that went away mid-stream
         if progress.stored:
             log.info("owner %s stored shard %s (%d bytes)", owner, h.shard_sha256[:12], progress.size)
         return pb.ShardState(progress=_progress_pb(progress))

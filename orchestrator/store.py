@@ -16,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import sqlite3
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,6 +240,46 @@ class ShardStore:
                  "manifest": json.loads(r[6])} for r in rows]
 
 
+class _ChunkWriter(threading.Thread):
+    """Hashes and appends verified chunks off the gRPC thread: receive, check and write overlap."""
+
+    def __init__(self, path: Path, digest) -> None:
+        super().__init__(daemon=True, name=f"write-{path.name[:12]}")
+        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self.file = open(path, "ab", buffering=0)
+        self.digest = digest
+        self.error: OSError | None = None
+        self.start()
+
+    def run(self) -> None:
+        while (data := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.digest.update(data)
+                    self.file.write(data)
+                except OSError as exc:  # disk full, I/O error: reported to the uploader
+                    self.error = exc
+
+    def put(self, data: bytes) -> None:
+        self._raise()
+        self.queue.put(data)
+
+    def close(self, sync: bool) -> None:
+        """Write everything queued (all of it was verified), then close; fdatasync when asked."""
+        self.queue.put(None)
+        self.join()
+        try:
+            if sync and self.error is None:
+                os.fdatasync(self.file.fileno())
+        finally:
+            self.file.close()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise StoreError("unavailable", f"the server could not write the shard: {self.error.strerror}")
+
+
 class ShardUpload:
     """One upload stream of one shard: append verified chunks from the server's offset on."""
 
@@ -250,36 +292,35 @@ class ShardUpload:
             raise StoreError("failed_precondition", f"upload starts at byte {offset} but the server holds {held} "
                                                     f"bytes of this shard; resume from {held}")
         self.received = held
-        self._file = None
+        self._writer: _ChunkWriter | None = None
+        self._digest = hashlib.sha256()  # of everything held, so finishing needs no second read
+        if held and not self.stored:
+            with open(self.partial, "rb") as f:
+                while block := f.read(1 << 20):
+                    self._digest.update(block)
 
-    def write(self, data: bytes, data_sha256: bytes) -> None:
+    def write(self, data: bytes, data_crc32: int) -> None:
         if self.stored:
             raise StoreError("failed_precondition", "shard already stored; nothing more to send")
-        if hashlib.sha256(data).digest() != data_sha256:
-            raise StoreError("data_loss", f"chunk at byte {self.received} does not match its sha256; not stored")
+        if zlib.crc32(data) != data_crc32:
+            raise StoreError("data_loss", f"chunk at byte {self.received} does not match its CRC-32; not stored")
         if self.received + len(data) > self.size:
             raise StoreError("invalid_argument", f"chunk at byte {self.received} runs past the shard's "
                                                  f"{self.size} bytes")
-        if self._file is None:
+        if self._writer is None:
             self.partial.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.partial, "ab")
-        self._file.write(data)
-        self._file.flush()
+            self._writer = _ChunkWriter(self.partial, self._digest)
+        self._writer.put(data)
         self.received += len(data)
 
     def finish(self) -> ShardProgress:
         """Close the stream; store the shard if it is complete and its sha256 matches."""
         try:
-            if self._file is not None:
-                os.fsync(self._file.fileno())
-                self._file.close()
-                self._file = None
+            if self._writer is not None:
+                writer, self._writer = self._writer, None
+                writer.close(sync=True)
             if not self.stored and self.received == self.size:
-                digest = hashlib.sha256()
-                with open(self.partial, "rb") as f:
-                    while block := f.read(1 << 20):
-                        digest.update(block)
-                if digest.hexdigest() != self.sha256:
+                if self._digest.hexdigest() != self.sha256:
                     self.partial.unlink()
                     raise StoreError("data_loss", f"shard {self.sha256[:12]}... arrived complete but its sha256 "
                                                   "does not match; discarded, upload it again")
@@ -290,7 +331,11 @@ class ShardUpload:
             self.abort()
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """End the stream early (client gone, refused chunk): keep what was verified, free the shard."""
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            try:
+                writer.close(sync=False)
+            except StoreError:
+                pass  # the stream is already failing; the partial file is what the disk took
         self.store._end_upload((self.owner, self.sha256))

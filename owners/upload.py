@@ -7,12 +7,13 @@ deadline) are retried with exponential backoff and jitter; every call has a dead
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import stat
 import sys
 import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -46,7 +47,8 @@ class Connection:
     retries: int = 8  # attempts per step before giving up
     call_timeout: float = 30.0  # seconds, small calls
     min_upload_rate: float = 256 * 1024  # bytes/s assumed when sizing an upload's deadline
-    max_rate: float | None = None  # bytes/s cap on upload bandwidth (shared hospital links); None: no cap
+    max_rate: float | None = None  # bytes/s cap on the whole upload (shared hospital links); None: no cap
+    streams: int = 2  # shards uploaded at once
 
     def __repr__(self) -> str:  # never print the token
         return f"Connection(server={self.server!r}, tls={not self.insecure})"
@@ -133,9 +135,9 @@ class IngestClient:
     def upload_shard(self, path: Path, dataset_id: str, sha256: str, offset: int,
                      on_bytes: Callable[[int], None]) -> pb.ShardState:
         size = path.stat().st_size
-        rate = min(self.conn.min_upload_rate, self.conn.max_rate or float("inf"))
-        deadline = self.conn.call_timeout + (size - offset) / rate
-        return self.stub.UploadShard(_chunks(path, dataset_id, sha256, offset, on_bytes, self.conn.max_rate),
+        stream_rate = None if self.conn.max_rate is None else self.conn.max_rate / self.conn.streams
+        deadline = self.conn.call_timeout + (size - offset) / min(self.conn.min_upload_rate, stream_rate or float("inf"))
+        return self.stub.UploadShard(_chunks(path, dataset_id, sha256, offset, on_bytes, stream_rate),
                                      metadata=self.metadata, timeout=deadline)
 
 
@@ -157,7 +159,7 @@ def _chunks(path: Path, dataset_id: str, sha256: str, offset: int, on_bytes: Cal
             sent += len(data)
             if not data and not first:
                 return
-            chunk = pb.ShardChunk(data=data, data_sha256=hashlib.sha256(data).digest())
+            chunk = pb.ShardChunk(data=data, data_crc32=zlib.crc32(data))
             if first:
                 chunk.header.CopyFrom(header)
                 first = False
@@ -169,49 +171,55 @@ def _chunks(path: Path, dataset_id: str, sha256: str, offset: int, on_bytes: Cal
 
 def upload_outbox(outbox: Path, client: IngestClient, new_key_domain: bool = False,
                   progress: bool | None = None) -> pb.DatasetState:
-    """Upload every shard of ``outbox`` the server does not hold yet, then commit the dataset."""
+    """Upload every shard of ``outbox`` the server does not hold yet, then commit the dataset.
+
+    ``client.conn.streams`` shards travel at once, so one shard's verification and fsync on the
+    server overlap the next one's transfer (and long-latency links stay busy).
+    """
     manifest_json = (Path(outbox) / MANIFEST_NAME).read_bytes()
     manifest = Manifest.parse(manifest_json, str(Path(outbox) / MANIFEST_NAME))
     files = {s.name: s for s in manifest.shards}
     state = client.open_dataset(manifest_json, new_key_domain)
-    total = sum(s.size for s in state.shards)
-    done = sum(s.received for s in state.shards)
-    bar = tqdm(total=total, initial=done, unit="B", unit_scale=True, desc="upload", file=sys.stderr,
+    for shard in state.shards:
+        info = files.get(shard.name)
+        if info is None or info.sha256 != shard.sha256:
+            raise UploadError(f"server lists shard {shard.name} that this outbox does not hold")
+    bar = tqdm(total=sum(s.size for s in state.shards), unit="B", unit_scale=True, desc="upload", file=sys.stderr,
                disable=progress is False or (progress is None and not sys.stderr.isatty()))
+
+    def send(shard: pb.ShardProgress) -> None:
+        client.upload_shard(Path(outbox) / shard.name, state.dataset_id, shard.sha256, shard.received, bar.update)
+
     try:
         for attempt in range(client.conn.retries):
+            bar.n = sum(s.received for s in state.shards)
+            bar.refresh()
             pending = [s for s in state.shards if not s.stored]
             if not pending:
                 break
-            for shard in pending:
-                info = files.get(shard.name)
-                if info is None or info.sha256 != shard.sha256:
-                    raise UploadError(f"server lists shard {shard.name} that this outbox does not hold")
-                bar.n = done = sum(s.received for s in state.shards if s.name != shard.name) + shard.received
-                bar.refresh()
-                try:
-                    client.upload_shard(Path(outbox) / shard.name, state.dataset_id, shard.sha256,
-                                        shard.received, bar.update)
-                except grpc.RpcError as exc:
-                    code = exc.code()
-                    if code == grpc.StatusCode.UNAUTHENTICATED:
-                        raise UploadError(f"upload: the server rejected the token ({exc.details()})") from None
-                    if code not in RETRYABLE and code not in (grpc.StatusCode.FAILED_PRECONDITION,
-                                                              grpc.StatusCode.DATA_LOSS):
-                        raise UploadError(f"upload of {shard.name}: {code.name}: {exc.details()}") from None
-                    delay = min(30.0, 0.5 * 2**attempt) * (0.5 + random.random())
-                    client.log(f"upload of {shard.name}: {code.name} ({exc.details()}); asking the server "
-                               f"where to resume in {delay:.1f} s")
-                    time.sleep(delay)
-                    break  # re-read the server's progress, then go on
+            with ThreadPoolExecutor(client.conn.streams) as pool:
+                failures = [f.exception() for f in [pool.submit(send, s) for s in pending]]
+            failures = [e for e in failures if e is not None]
+            for exc in failures:
+                if not isinstance(exc, grpc.RpcError):
+                    raise exc
+                code = exc.code()
+                if code == grpc.StatusCode.UNAUTHENTICATED:
+                    raise UploadError(f"upload: the server rejected the token ({exc.details()})")
+                if code not in RETRYABLE and code not in (grpc.StatusCode.FAILED_PRECONDITION,
+                                                          grpc.StatusCode.DATA_LOSS):
+                    raise UploadError(f"upload: {code.name}: {exc.details()}")
+            if failures:
+                delay = min(30.0, 0.5 * 2**attempt) * (0.5 + random.random())
+                client.log(f"upload: {len(failures)} shard(s) interrupted ({failures[0].code().name}: "
+                           f"{failures[0].details()}); asking the server where to resume in {delay:.1f} s")
+                time.sleep(delay)
             state = client.open_dataset(manifest_json, new_key_domain)
         else:
             missing = [s.name for s in state.shards if not s.stored]
             if missing:
                 raise UploadError(f"gave up after {client.conn.retries} attempts; {len(missing)} shard(s) "
                                   "not stored. Rerun the same command to resume")
-        bar.n = total
-        bar.refresh()
     finally:
         bar.close()
     return client.commit(state.dataset_id)

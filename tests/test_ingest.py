@@ -4,6 +4,7 @@ import hashlib
 import os
 import sqlite3
 import threading
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -85,7 +86,7 @@ def shard_bytes(outbox, state, i=0) -> bytes:
 
 
 def chunk(data: bytes, header=None) -> pb.ShardChunk:
-    c = pb.ShardChunk(data=data, data_sha256=hashlib.sha256(data).digest())
+    c = pb.ShardChunk(data=data, data_crc32=zlib.crc32(data))
     if header is not None:
         c.header.CopyFrom(header)
     return c
@@ -158,7 +159,7 @@ def test_corrupted_chunk_is_refused_and_not_stored(server, outboxes):
     state = open_a(server, outboxes.a)
     data = shard_bytes(outboxes.a, state)
     header = pb.ShardHeader(dataset_id=state.dataset_id, shard_sha256=state.shards[0].sha256, offset=0)
-    bad = pb.ShardChunk(header=header, data=data[:4096], data_sha256=hashlib.sha256(b"other").digest())
+    bad = pb.ShardChunk(header=header, data=data[:4096], data_crc32=zlib.crc32(data[:4096]) ^ 1)
     with pytest.raises(grpc.RpcError) as err:
         stub(server).UploadShard(iter([bad]), metadata=auth(), timeout=CALL)
     assert err.value.code() == grpc.StatusCode.DATA_LOSS

@@ -83,14 +83,14 @@ class ShardHeader(_message.Message):
     def __init__(self, dataset_id: _Optional[str] = ..., shard_sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class ShardChunk(_message.Message):
-    __slots__ = ("header", "data", "data_sha256")
+    __slots__ = ("header", "data", "data_crc32")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
-    DATA_SHA256_FIELD_NUMBER: _ClassVar[int]
+    DATA_CRC32_FIELD_NUMBER: _ClassVar[int]
     header: ShardHeader
     data: bytes
-    data_sha256: bytes
-    def __init__(self, header: _Optional[_Union[ShardHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., data_sha256: _Optional[bytes] = ...) -> None: ...
+    data_crc32: int
+    def __init__(self, header: _Optional[_Union[ShardHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., data_crc32: _Optional[int] = ...) -> None: ...
 
 class ShardState(_message.Message):
     __slots__ = ("progress",)

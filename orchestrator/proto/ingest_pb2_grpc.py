@@ -76,7 +76,8 @@ class IngestServicer:
 
     def UploadShard(self, request_iterator, context):
         """Upload one shard from `offset` on: the first message carries the header, every message a
-        chunk (well under the 4 MiB message limit) with its own sha256.
+        chunk (well under the 4 MiB message limit) with its own CRC-32. The whole shard is checked
+        against its sha256 before it becomes visible.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
