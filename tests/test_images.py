@@ -18,7 +18,7 @@ from owners import images
 from owners.cli import main
 from owners.images import BadImage, load_rgb, scan_image_folder
 
-from badfiles import (
+from tests.badfiles import (
     CLASS_A, CLASS_B, SCAN_SKIPPED, SPEC, bomb_png, halves, make_bad_folder, structured_rgb,
 )
 
