@@ -55,4 +55,4 @@ def build_model(name: str, num_classes: int, image_size: tuple[int, int], in_cha
 
 def list_models() -> list[str]:
     """The product's variants (any other timm name works too, e.g. vit_base_patch16_224)."""
-    return sorted(timm.list_models("convmixer_*_p*_k*") + timm.list_models("vit_[0-9]*"))
+    return sorted(timm.list_models("convmixer_*_p*_k*") + timm.list_models("vit_[0-9][0-9]*_*_p*_*"))

@@ -1,0 +1,234 @@
+"""Training on encrypted shards: a plain PyTorch loop, plus the three lines Ray Train adds.
+
+``fit_epochs`` is ordinary PyTorch (it runs in a test or a notebook as is). ``train_loop_per_worker``
+is the same loop inside a Ray Train worker: Ray prepares the model and the loader for data
+parallelism, hands back the last checkpoint after a failure, and receives a report (metrics and a
+self-describing checkpoint) after every epoch. ``run_training`` starts it with a TorchTrainer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models import build_model
+from orchestrator.config import TrainingConfig
+from orchestrator.data import (EncodedImages, Geometry, ShardRef, block_cutmix, group_names, mixup, normalise,
+                               random_crop_flip)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = "etc-checkpoint"
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything a worker needs, as plain picklable data."""
+
+    run_name: str
+    classes: tuple[str, ...]
+    geometry: Geometry
+    train: tuple[ShardRef, ...]
+    test: tuple[ShardRef, ...]
+    settings: TrainingConfig
+    log_dir: str  # rank 0 appends metrics.jsonl here
+    code_version: str
+
+    @property
+    def groups(self) -> list[str]:
+        """Key ids (owners for plain data) the model trains on."""
+        return group_names(list(self.train))
+
+
+def code_version() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def make_model(job: TrainJob) -> torch.nn.Module:
+    g = job.geometry
+    return build_model(job.settings.model, len(job.classes), g.shape, g.in_chans, g.block_size,
+                       job.settings.pretrained_file)
+
+
+def autocast_for(settings: TrainingConfig, device: torch.device):
+    use_bf16 = settings.precision == "bf16" or (settings.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def prepare_batch(images: torch.Tensor, labels: torch.Tensor, job: TrainJob, generator: torch.Generator,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise and augment one training batch; targets are soft (mixup/CutMix mix them)."""
+    x = normalise(images.to(device, non_blocking=True))
+    targets = torch.nn.functional.one_hot(labels.to(device), len(job.classes)).float()
+    s, g = job.settings, job.geometry
+    if g.scheme == "plain":
+        x = random_crop_flip(x, pad=4, generator=generator)  # plain images may use spatial augmentation
+    if s.mixup_alpha > 0 or s.cutmix_prob > 0:
+        if g.block_size and torch.rand(1, generator=generator).item() < s.cutmix_prob:
+            x, targets = block_cutmix(x, targets, g.block_size, generator)
+        elif s.mixup_alpha > 0:
+            x, targets = mixup(x, targets, s.mixup_alpha, generator)
+    return x.contiguous(memory_format=torch.channels_last), targets
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, job: TrainJob, device, generator) -> dict:
+    model.train()
+    smoothing = job.settings.label_smoothing
+    total, correct, loss_sum, started = 0, 0, 0.0, time.perf_counter()
+    for images, labels, _ in loader:
+        x, targets = prepare_batch(images, labels, job, generator, device)
+        with autocast_for(job.settings, device):
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += len(labels)
+        loss_sum += float(loss) * len(labels)
+        correct += int((logits.argmax(1).cpu() == labels).sum())
+    seconds = time.perf_counter() - started
+    return {"train_loss": loss_sum / max(total, 1), "train_acc": correct / max(total, 1),
+            "images_per_s": total / seconds, "epoch_s": seconds}
+
+
+@torch.no_grad()
+def predict_logits(model, images: torch.Tensor, settings: TrainingConfig, device) -> torch.Tensor:
+    model.eval()
+    x = normalise(images.to(device)).contiguous(memory_format=torch.channels_last)
+    with autocast_for(settings, device):
+        return model(x).float()
+
+
+def evaluate(model, dataset: EncodedImages, groups: list[str], settings: TrainingConfig, device,
+             batch_size: int = 256) -> dict:
+    """Overall accuracy and accuracy per group (key id or owner) of ``dataset``."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    hits = torch.zeros(len(groups))
+    counts = torch.zeros(len(groups))
+    for images, labels, group in loader:
+        pred = predict_logits(model, images, settings, device).argmax(1).cpu()
+        hits.index_add_(0, group, (pred == labels).float())
+        counts.index_add_(0, group, torch.ones(len(labels)))
+    return {"test_acc": float(hits.sum() / counts.sum().clamp(min=1)),
+            "per_group": {g: {"acc": float(hits[i] / counts[i]), "images": int(counts[i])}
+                          for i, g in enumerate(groups) if counts[i] > 0}}
+
+
+def checkpoint_payload(model, optimizer, scheduler, epoch: int, job: TrainJob, metrics: dict) -> dict:
+    """Self-describing: a checkpoint alone says how to rebuild and use the model (no secrets)."""
+    unwrapped = model.module if hasattr(model, "module") else model
+    return {
+        "format": CHECKPOINT_FORMAT, "version": 1,
+        "model": job.settings.model, "classes": list(job.classes), "geometry": dataclasses.asdict(job.geometry),
+        "strategy": job.settings.strategy, "key_ids": job.groups if job.geometry.scheme != "plain" else [],
+        "owners": sorted({r.owner for r in job.train}), "run_name": job.run_name, "code_version": job.code_version,
+        "training": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(job.settings).items()},
+        "epoch": epoch, "metrics": metrics,
+        "state_dict": unwrapped.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    }
+
+
+def load_checkpoint(path: Path) -> dict:
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an etc-checkpoint")
+    return payload
+
+
+def model_from_checkpoint(payload: dict) -> torch.nn.Module:
+    g = Geometry(**payload["geometry"])
+    model = build_model(payload["model"], len(payload["classes"]), g.shape, g.in_chans, g.block_size)
+    model.load_state_dict(payload["state_dict"])
+    return model.to(memory_format=torch.channels_last).eval()
+
+
+# --------------------------------------------------------------------------- Ray Train
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The training loop of one Ray Train worker (rank 0 also evaluates, logs and checkpoints)."""
+    import ray.train
+    import ray.train.torch
+
+    job: TrainJob = config["job"]
+    s = job.settings
+    threads = config.get("threads")
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(s.seed)
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+
+    model = make_model(job).to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)  # Ray: DDP across workers, device placement
+    train_set = EncodedImages(list(job.train), job.groups)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=s.batch_size, shuffle=True, drop_last=True)
+    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)  # Ray: a shard per worker
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=s.lr, total_steps=s.epochs * len(loader))
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()  # Ray: set when resuming after a failure or a rerun
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            payload = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+        (model.module if hasattr(model, "module") else model).load_state_dict(payload["state_dict"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        start_epoch = payload["epoch"] + 1
+    test_groups = group_names(list(job.test))
+    test_set = EncodedImages(list(job.test), test_groups) if rank == 0 else None
+    generator = torch.Generator().manual_seed(s.seed * 1000 + rank)
+
+    for epoch in range(start_epoch, s.epochs):
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        metrics = train_one_epoch(model, loader, optimizer, scheduler, job, device, generator)
+        metrics.update(epoch=epoch + 1, worker_pid=os.getpid(), time=time.time())
+        with tempfile.TemporaryDirectory() as folder:
+            report_checkpoint = None
+            if rank == 0:
+                unwrapped = model.module if hasattr(model, "module") else model
+                evaluation = evaluate(unwrapped, test_set, test_groups, s, device)
+                metrics.update(test_acc=evaluation["test_acc"],
+                               **{f"test_acc/{g}": v["acc"] for g, v in evaluation["per_group"].items()})
+                torch.save(checkpoint_payload(model, optimizer, scheduler, epoch, job, metrics),
+                           Path(folder) / CHECKPOINT_FILE)
+                with open(Path(job.log_dir) / "metrics.jsonl", "a") as log:
+                    log.write(json.dumps(metrics) + "\n")
+                report_checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=report_checkpoint)  # Ray: dashboard metrics + checkpoint
+
+
+def run_training(job: TrainJob, storage: Path) -> Path:
+    """Train with Ray Train; returns the final checkpoint file. Rerunning resumes the same run."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    s = job.settings
+    cpus = s.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // s.workers)
+    Path(job.log_dir).mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job, "threads": cpus},
+        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu, resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(name=job.run_name, storage_path=str(Path(storage).resolve()),
+                             failure_config=FailureConfig(max_failures=s.max_failures)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {job.run_name} produced no checkpoint: {result.error}")
+    return Path(result.checkpoint.path) / CHECKPOINT_FILE  # storage_path is a filesystem path
