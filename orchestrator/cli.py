@@ -39,6 +39,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    from orchestrator.launch import launch  # ray and torch are only needed here
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    cfg = load_config(args.config)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    launch(cfg, once=args.once, stop=stop, log=lambda m: print(m, file=sys.stderr, flush=True))
+    return 0
+
+
 def cmd_hash_token(args: argparse.Namespace) -> int:
     token = sys.stdin.readline().strip()
     if not token:
@@ -57,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="run only the ingest service of a cluster.yaml (owners upload here)")
     p.add_argument("config")
     p.set_defaults(func=cmd_ingest)
+    p = sub.add_parser("launch", help="Ray + ingest; train when the owners' data is in; evaluate; serve predictions")
+    p.add_argument("config")
+    p.add_argument("--once", action="store_true", help="exit after the report instead of serving predictions")
+    p.set_defaults(func=cmd_launch)
     p = sub.add_parser("hash-token", help="read an owner token on stdin, print the token_sha256 for cluster.yaml")
     p.set_defaults(func=cmd_hash_token)
     return parser
@@ -66,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, TimeoutError) as exc:
         print(f"orchestrator {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -5,8 +5,6 @@ only sha256(token) per owner (from the config) and the token alone decides the o
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 from concurrent import futures
 from dataclasses import dataclass
@@ -14,6 +12,7 @@ from pathlib import Path
 
 import grpc
 
+from orchestrator.auth import TokenAuth, bind, token_sha256  # noqa: F401 - token_sha256 re-exported
 from orchestrator.config import ClusterConfig, ConfigError, is_loopback
 from orchestrator.proto import ingest_pb2 as pb
 from orchestrator.proto import ingest_pb2_grpc as pb_grpc
@@ -33,10 +32,6 @@ STATUS = {
 }
 
 
-def token_sha256(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
 def _progress_pb(p: ShardProgress) -> pb.ShardProgress:
     return pb.ShardProgress(name=p.name, sha256=p.sha256, size=p.size, received=p.received, stored=p.stored)
 
@@ -50,21 +45,10 @@ class IngestServicer(pb_grpc.IngestServicer):
     def __init__(self, store: ShardStore, run_name: str, owner_token_hashes: dict[str, str]) -> None:
         self.store = store
         self.run_name = run_name
-        self._owners = owner_token_hashes  # owner id -> sha256(token) hex
+        self._auth = TokenAuth(owner_token_hashes)
 
     def _owner(self, context: grpc.ServicerContext) -> str:
-        auth = dict(context.invocation_metadata()).get("authorization", "")
-        if not auth.startswith("Bearer ") or len(auth) <= len("Bearer "):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing token (authorization: Bearer ...)")
-        presented = token_sha256(auth[len("Bearer "):])
-        owner = None
-        for owner_id, expected in self._owners.items():  # compare every entry: no early exit timing
-            if hmac.compare_digest(presented, expected):
-                owner = owner_id
-        if owner is None:
-            log.warning("rejected a call with an unknown token from %s", context.peer())
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
-        return owner
+        return self._auth.owner(context)
 
     def _refuse(self, context: grpc.ServicerContext, owner: str, exc: StoreError) -> None:
         log.info("refused %s: %s", owner, exc)
@@ -127,10 +111,6 @@ def _chain(first, rest):
     yield from rest
 
 
-def _read(path: Path | None) -> bytes | None:
-    return None if path is None else Path(path).read_bytes()
-
-
 @dataclass
 class IngestService:
     server: grpc.Server
@@ -165,17 +145,10 @@ def start_ingest(cfg: ClusterConfig, listen: str | None = None, workers: int = 8
     )
     pb_grpc.add_IngestServicer_to_server(
         IngestServicer(store, cfg.name, {o.id: o.token_sha256 for o in ing.owners}), server)
-    if ing.tls is None:
-        port = server.add_insecure_port(listen)
-    else:
-        creds = grpc.ssl_server_credentials(
-            [(_read(ing.tls.key), _read(ing.tls.cert))],
-            root_certificates=_read(ing.tls.client_ca),
-            require_client_auth=ing.tls.client_ca is not None,
-        )
-        port = server.add_secure_port(listen, creds)
-    if port == 0:
-        raise ConfigError(f"ingest.listen: cannot listen on {listen} (address in use?)")
+    try:
+        port = bind(server, listen, ing.tls, "ingest.listen")
+    except OSError as exc:
+        raise ConfigError(str(exc)) from None
     server.start()
     log.info("ingest for run %s listening on %s (%s), store %s", cfg.name, listen.rpartition(":")[0] + f":{port}",
              "TLS" if ing.tls else "plaintext, loopback only", store.root)

@@ -88,6 +88,26 @@ def cmd_upload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from owners.predict import predict_images
+
+    if args.plain == bool(args.key):
+        raise SystemExit("owner-agent predict: give --key NAME, or --plain for a plain model (not both)")
+    key = None if args.plain else _key(args.key, create=False)
+    conn = Connection(server=args.server, token=read_token(args.token_file),
+                      ca_file=Path(args.ca_file) if args.ca_file else None,
+                      client_cert=Path(args.client_cert) if args.client_cert else None,
+                      client_key=Path(args.client_key) if args.client_key else None, insecure=args.insecure)
+    failed = 0
+    for result in predict_images(key, [Path(p) for p in args.images], conn, top=args.top):
+        if result.error:
+            failed += 1
+            print(f"{result.path}\terror: {result.error}")
+        else:
+            print(f"{result.path}\t" + "  ".join(f"{name} {p:.3f}" for name, p in result.top))
+    return 1 if failed else 0
+
+
 def cmd_decrypt(args: argparse.Namespace) -> int:
     key = _key(args.key, create=False) if args.key else None
     n = decrypt_folder(Path(args.shards), Path(args.out), key)
@@ -184,6 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing outbox in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_encrypt)
+
+    p = sub.add_parser("predict", help="classify images: encrypt locally, send to the prediction service")
+    p.add_argument("--key", help="key name or key file (never created here)")
+    p.add_argument("--plain", action="store_true", help="the model was trained on plain images")
+    p.add_argument("--server", required=True, help="prediction service HOST:PORT (serve.listen)")
+    p.add_argument("--token-file", help="file holding your token (mode 0600); or set $OWNER_AGENT_TOKEN")
+    p.add_argument("--top", type=int, default=3, help="classes to print per image (default 3)")
+    p.add_argument("--ca-file")
+    p.add_argument("--client-cert")
+    p.add_argument("--client-key")
+    p.add_argument("--insecure", action="store_true", help="plaintext gRPC; only to a loopback address")
+    p.add_argument("images", nargs="+", help="image files")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("decrypt", help="decrypt shards back into DIR/<class>/<id>.png")
     p.add_argument("--key", help=key_help + " (omit for --plain shards)")

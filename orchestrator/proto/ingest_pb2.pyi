@@ -103,3 +103,43 @@ class CommitDatasetRequest(_message.Message):
     DATASET_ID_FIELD_NUMBER: _ClassVar[int]
     dataset_id: str
     def __init__(self, dataset_id: _Optional[str] = ...) -> None: ...
+
+class ModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("task", "model", "strategy", "key_ids", "owner_id")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_ID_FIELD_NUMBER: _ClassVar[int]
+    task: Task
+    model: str
+    strategy: str
+    key_ids: _containers.RepeatedScalarFieldContainer[str]
+    owner_id: str
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., key_ids: _Optional[_Iterable[str]] = ..., owner_id: _Optional[str] = ...) -> None: ...
+
+class PredictRequest(_message.Message):
+    __slots__ = ("images", "key_id")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    key_id: str
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., key_id: _Optional[str] = ...) -> None: ...
+
+class Prediction(_message.Message):
+    __slots__ = ("probabilities", "label")
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    probabilities: _containers.RepeatedScalarFieldContainer[float]
+    label: int
+    def __init__(self, probabilities: _Optional[_Iterable[float]] = ..., label: _Optional[int] = ...) -> None: ...
+
+class PredictReply(_message.Message):
+    __slots__ = ("predictions",)
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ...) -> None: ...

@@ -231,3 +231,124 @@ class Ingest:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class PredictorStub:
+    """Prediction: owners send images encrypted with their key (encoded as the task's codec) and get
+    class probabilities back. Same tokens as ingest.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetModelInfo = channel.unary_unary(
+                '/etc.ingest.v1.Predictor/GetModelInfo',
+                request_serializer=orchestrator_dot_proto_dot_ingest__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_proto_dot_ingest__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.Predict = channel.unary_unary(
+                '/etc.ingest.v1.Predictor/Predict',
+                request_serializer=orchestrator_dot_proto_dot_ingest__pb2.PredictRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_proto_dot_ingest__pb2.PredictReply.FromString,
+                _registered_method=True)
+
+
+class PredictorServicer:
+    """Prediction: owners send images encrypted with their key (encoded as the task's codec) and get
+    class probabilities back. Same tokens as ingest.
+    """
+
+    def GetModelInfo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Predict(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PredictorServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetModelInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelInfo,
+                    request_deserializer=orchestrator_dot_proto_dot_ingest__pb2.ModelInfoRequest.FromString,
+                    response_serializer=orchestrator_dot_proto_dot_ingest__pb2.ModelInfo.SerializeToString,
+            ),
+            'Predict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Predict,
+                    request_deserializer=orchestrator_dot_proto_dot_ingest__pb2.PredictRequest.FromString,
+                    response_serializer=orchestrator_dot_proto_dot_ingest__pb2.PredictReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'etc.ingest.v1.Predictor', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('etc.ingest.v1.Predictor', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Predictor:
+    """Prediction: owners send images encrypted with their key (encoded as the task's codec) and get
+    class probabilities back. Same tokens as ingest.
+    """
+
+    @staticmethod
+    def GetModelInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/etc.ingest.v1.Predictor/GetModelInfo',
+            orchestrator_dot_proto_dot_ingest__pb2.ModelInfoRequest.SerializeToString,
+            orchestrator_dot_proto_dot_ingest__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Predict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/etc.ingest.v1.Predictor/Predict',
+            orchestrator_dot_proto_dot_ingest__pb2.PredictRequest.SerializeToString,
+            orchestrator_dot_proto_dot_ingest__pb2.PredictReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

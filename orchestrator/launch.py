@@ -1,0 +1,185 @@
+"""``orchestrator launch cluster.yaml``: Ray, ingest, wait for owners, train, evaluate, report, serve.
+
+Each step is a function a test can call alone; :func:`launch` strings them together.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from pathlib import Path
+
+from orchestrator.config import ClusterConfig, ConfigError, RayConfig
+from orchestrator.data import EncodedImages, Geometry, ShardRef, group_names, plan_from_catalog
+from orchestrator.ingest import IngestService, start_ingest
+from orchestrator.store import ShardStore
+from orchestrator.training import (TrainJob, code_version, evaluate, load_checkpoint, make_model,
+                                   model_from_checkpoint, run_training)
+
+AVAILABLE_STRATEGIES = ("plain", "shared-key", "pooled")
+
+
+def start_ray(cfg: RayConfig, log=print) -> str | None:
+    """Join the configured cluster, or start a local Ray with its dashboard. Returns the dashboard URL."""
+    import ray
+
+    if cfg.address:
+        context = ray.init(address=cfg.address)
+    else:
+        context = ray.init(include_dashboard=True, dashboard_host=cfg.dashboard_host,
+                           dashboard_port=cfg.dashboard_port)
+    url = context.dashboard_url
+    url = f"http://{url}" if url and not url.startswith("http") else url
+    log(f"Ray dashboard: {url or '(not available)'}")
+    return url
+
+
+def uploads_ready(store: ShardStore, owners: tuple[str, ...]) -> list[str]:
+    """What is still missing before training may start (empty when ready)."""
+    done = {(d["owner"], d["split"]) for d in store.committed_datasets()}
+    return [f"{o} {split}" for o in owners for split in ("train", "test") if (o, split) not in done]
+
+
+def wait_for_uploads(store: ShardStore, owners: tuple[str, ...], timeout_s: float, stop: threading.Event,
+                     log=print, poll_s: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while missing := uploads_ready(store, owners):
+        if missing != last:
+            log(f"waiting for uploads: {', '.join(missing)}")
+            last = missing
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {timeout_s:.0f} s (training.wait_timeout_s) waiting for "
+                               f"uploads: {', '.join(missing)} not committed")
+        if stop.wait(poll_s):
+            raise KeyboardInterrupt
+    log(f"uploads complete for {', '.join(owners) or 'every owner'}")
+
+
+def build_job(cfg: ClusterConfig, store: ShardStore) -> TrainJob:
+    """The training plan: every committed train dataset; every committed test dataset to evaluate."""
+    t, s = cfg.task, cfg.training
+    if s.strategy not in AVAILABLE_STRATEGIES:
+        raise ConfigError(f"training.strategy: {s.strategy!r} is not available in this version "
+                          f"(available: {', '.join(AVAILABLE_STRATEGIES)})")
+    refs = plan_from_catalog(store.committed_datasets(), store.object_path)
+    train = tuple(r for r in refs if r.split == "train")
+    test = tuple(r for r in refs if r.split == "test")
+    if not train:
+        raise ConfigError("no committed train split in the store: nothing to train on")
+    keys = group_names(list(train))
+    if s.strategy == "shared-key" and len(keys) > 1:
+        raise ConfigError(f"training.strategy 'shared-key' expects one key, but the train splits use "
+                          f"{len(keys)} key ids ({', '.join(keys)}); use 'pooled' or re-encrypt with one key")
+    job = TrainJob(cfg.name, tuple(t.classes), Geometry(t.image_size, None if t.scheme == "plain" else t.block_size,
+                                                        t.scheme),
+                   train, test, s, str(store.root / "logs"), code_version())
+    make_model(job)  # a bad model/geometry combination fails here, before Ray starts workers
+    return job
+
+
+def evaluate_checkpoint(checkpoint: Path, job: TrainJob) -> list[dict]:
+    """Accuracy per (owner, key id) test dataset, including keys the model never saw."""
+    import torch
+
+    payload = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(payload)
+    trained = set(payload["key_ids"]) | {r.owner for r in job.train if r.key_id is None}
+    rows = []
+    for owner in sorted({r.owner for r in job.test}):
+        for key in sorted({r.key_id or r.owner for r in job.test if r.owner == owner}):
+            shards = [r for r in job.test if r.owner == owner and (r.key_id or r.owner) == key]
+            result = evaluate(model, EncodedImages(shards, [key]), [key], job.settings, torch.device("cpu"))
+            rows.append({"owner": owner, "key_id": key if job.geometry.scheme != "plain" else None,
+                         "seen_in_training": key in trained, "images": result["per_group"][key]["images"],
+                         "accuracy": result["test_acc"]})
+    return rows
+
+
+def write_report(folder: Path, job: TrainJob, checkpoint: Path, rows: list[dict], dashboard: str | None) -> Path:
+    """report.md (table), report.json (everything), curves.png (per-epoch metrics)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    epochs = [json.loads(line) for line in (Path(job.log_dir) / "metrics.jsonl").read_text().splitlines()]
+    final = {}
+    for e in epochs:  # reruns append; keep the last record of each epoch
+        final[e["epoch"]] = e
+    epochs = [final[k] for k in sorted(final)]
+    chance = 1 / len(job.classes)
+    seen = [r for r in rows if r["seen_in_training"]]
+    seen_acc = sum(r["accuracy"] * r["images"] for r in seen) / max(1, sum(r["images"] for r in seen))
+    lines = [f"# Run {job.run_name}", "",
+             f"model {job.settings.model}, strategy {job.settings.strategy}, scheme {job.geometry.scheme}, "
+             f"{job.settings.epochs} epochs, code {job.code_version}", "",
+             f"test accuracy on keys seen in training: **{seen_acc:.1%}** (chance {chance:.0%})", "",
+             "| owner | key id | seen in training | test images | accuracy |", "|---|---|---|---|---|"]
+    lines += [f"| {r['owner']} | {r['key_id'] or '-'} | {'yes' if r['seen_in_training'] else 'NO'} | {r['images']} "
+              f"| {r['accuracy']:.1%} |" for r in rows]
+    lines += ["", "| epoch | train loss | train acc | test acc | images/s |", "|---|---|---|---|---|"]
+    lines += [f"| {e['epoch']} | {e['train_loss']:.3f} | {e['train_acc']:.1%} | {e.get('test_acc', 0):.1%} | "
+              f"{e['images_per_s']:.0f} |" for e in epochs]
+    lines += ["", f"checkpoint: {checkpoint}", f"Ray dashboard: {dashboard}", "![curves](curves.png)"]
+    (folder / "report.md").write_text("\n".join(lines) + "\n")
+    doc = {"run": job.run_name, "code_version": job.code_version, "checkpoint": str(checkpoint),
+           "training": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(job.settings).items()},
+           "geometry": dataclasses.asdict(job.geometry), "seen_key_accuracy": seen_acc, "chance": chance,
+           "per_owner_key": rows, "epochs": epochs}
+    (folder / "report.json").write_text(json.dumps(doc, indent=1) + "\n")
+    _plot(folder / "curves.png", epochs, chance)
+    return folder / "report.md"
+
+
+def _plot(path: Path, epochs: list[dict], chance: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [e["epoch"] for e in epochs]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.plot(x, [e["train_loss"] for e in epochs], marker="o")
+    ax1.set(xlabel="epoch", ylabel="train loss")
+    ax2.plot(x, [e["train_acc"] for e in epochs], marker="o", label="train")
+    ax2.plot(x, [e.get("test_acc", 0) for e in epochs], marker="o", label="test")
+    ax2.axhline(chance, color="grey", linestyle=":", label="chance")
+    ax2.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1))
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def launch(cfg: ClusterConfig, once: bool, stop: threading.Event, log=print) -> Path:
+    """Run the whole flow; returns the report path. Serves predictions until ``stop`` unless ``once``."""
+    import ray
+
+    from orchestrator.serve import start_serving
+
+    dashboard = start_ray(cfg.ray, log)
+    ingest: IngestService | None = None
+    serving = None
+    try:
+        ingest = start_ingest(cfg)
+        log(f"ingest service on port {ingest.port}; store {ingest.store.root}")
+        wait_for_uploads(ingest.store, cfg.training.start_when, cfg.training.wait_timeout_s, stop, log)
+        job = build_job(cfg, ingest.store)
+        log(f"training {job.settings.model} ({job.settings.strategy}) on "
+            f"{sum(r.images for r in job.train)} images of {len({r.owner for r in job.train})} owner(s), "
+            f"{job.settings.epochs} epochs, {job.settings.workers} worker(s); dashboard {dashboard}")
+        checkpoint = run_training(job, ingest.store.root / "ray")
+        rows = evaluate_checkpoint(checkpoint, job)
+        report = write_report(ingest.store.root / "report", job, checkpoint, rows, dashboard)
+        log(report.read_text())
+        log(f"report: {report}")
+        if once:
+            return report
+        serving = start_serving(cfg, checkpoint)
+        log(f"prediction service on port {serving.port}; Ctrl-C stops")
+        stop.wait()
+        return report
+    finally:
+        if serving is not None:
+            serving.stop(5)
+        if ingest is not None:
+            ingest.stop(5)
+        ray.shutdown()

@@ -1,0 +1,64 @@
+"""``owner-agent predict``: encrypt images locally with the owner's key, ask the model, print classes.
+
+The images never leave the machine unencrypted; the server learns only the key id.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from orchestrator.proto import ingest_pb2 as pb
+from orchestrator.proto import ingest_pb2_grpc as pb_grpc
+from owners.cipher import BlockCipher, Geometry
+from owners.images import BadImage, load_rgb
+from owners.keys import OwnerKey
+from owners.shards import Codec
+from owners.upload import Connection, UploadError, open_channel
+
+
+@dataclass(frozen=True)
+class PredictionResult:
+    path: str
+    top: list[tuple[str, float]]  # (class, probability), best first; empty when the image was refused
+    error: str | None = None
+
+
+def predict_images(key: OwnerKey | None, paths: list[Path], conn: Connection, top: int = 3) -> list[PredictionResult]:
+    channel = open_channel(conn)
+    stub = pb_grpc.PredictorStub(channel)
+    metadata = (("authorization", f"Bearer {conn.token}"),)
+    try:
+        info = stub.GetModelInfo(pb.ModelInfoRequest(), metadata=metadata, timeout=conn.call_timeout)
+        task = info.task
+        if (task.scheme == "plain") != (key is None):
+            raise UploadError(f"the model's task uses scheme {task.scheme!r}: "
+                              + ("use --plain" if task.scheme == "plain" else "a --key is required"))
+        results: dict[str, PredictionResult] = {}
+        good, arrays = [], []
+        for path in paths:
+            try:
+                arrays.append(load_rgb(path, task.image_size)[0])
+                good.append(str(path))
+            except (BadImage, OSError) as exc:
+                results[str(path)] = PredictionResult(str(path), [], str(exc))
+        if arrays:
+            batch = np.stack(arrays)
+            if key is not None:
+                batch = BlockCipher(key.secret, Geometry(task.image_size, task.image_size, task.block_size,
+                                                         task.scheme)).encrypt(batch)
+            codec = Codec(task.format, task.quality, task.chroma)
+            reply = stub.Predict(pb.PredictRequest(images=[codec.encode(img) for img in batch],
+                                                   key_id="" if key is None else key.key_id),
+                                 metadata=metadata, timeout=conn.call_timeout * 4)
+            for path, prediction in zip(good, reply.predictions):
+                probs = np.asarray(prediction.probabilities)
+                order = np.argsort(-probs)[:top]
+                results[path] = PredictionResult(path, [(task.classes[i], float(probs[i])) for i in order])
+        return [results[str(p)] for p in paths]
+    except grpc.RpcError as exc:
+        raise UploadError(f"predict: {exc.code().name}: {exc.details()}") from None
+    finally:
+        channel.close()
