@@ -8,10 +8,15 @@ DEMO_OUT ?= demo-out
 
 .PHONY: demo test venv bench clean
 
+# torch 2.14.1 + torchvision 0.29.1 install from this machine's local disk (DESIGN section 7);
+# PyPI's torchvision does not import beside the CPU-only torch 2.13.0 wheel.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[train,test]'
 	touch $@
 
 venv: $(BIN)/.installed

@@ -96,7 +96,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, job: TrainJob, device, 
         optimizer.step()
         scheduler.step()
         total += len(labels)
-        loss_sum += float(loss) * len(labels)
+        loss_sum += float(loss.detach()) * len(labels)
         correct += int((logits.argmax(1).cpu() == labels).sum())
     seconds = time.perf_counter() - started
     return {"train_loss": loss_sum / max(total, 1), "train_acc": correct / max(total, 1),

@@ -1,11 +1,12 @@
-"""End-to-end demo on the sample shipped in examples/, offline, about a minute on 2 cores.
+"""End-to-end demo on the sample shipped in examples/, offline, about five minutes on 2 cores.
 
 Runs the commands a data owner and the cloud operator would run, then checks the results:
   1. owner-agent encrypt + decrypt (lossless PNG) -> bit-exact round trip, verified here
   2. owner-agent preview                          -> plain | encrypted | decrypted grid
-  3. orchestrator ingest (cloud) + two owners, each with its own key, uploading train and test
-     splits with owner-agent                      -> the store's catalog, checked against the outboxes
-Usage: python scripts/demo.py --out demo-out   (make demo sets OWNER_AGENT_HOME under --out)
+  3. orchestrator launch (local Ray + dashboard, ingest), two hospitals sharing one key upload
+     train and test splits; one also uploads its test images under a key the model never sees;
+     training, the per-owner/key report, then owner-agent predict against the prediction service
+Usage: python scripts/demo.py --out demo-out [--epochs 6]
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
-import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -72,39 +74,72 @@ def split_between_owners(out: Path) -> dict[str, Path]:
     return folders
 
 
-def cloud_side(out: Path) -> None:
+def cloud_side(out: Path, epochs: int) -> None:
+    """orchestrator launch + two hospitals sharing one key (the paper's setting), then predictions."""
     config = yaml.safe_load((ROOT / "deploy" / "local-cpu.yaml").read_text())
     tokens = {}
     for owner in OWNERS:  # each owner gets an upload token; the config keeps only its hash
-        token = secrets.token_urlsafe(32)
         path = out / f"{owner}.token"
-        path.write_text(token + "\n")
+        path.write_text(secrets.token_urlsafe(32) + "\n")
         path.chmod(0o600)
         tokens[owner] = path
-    port = free_port()
-    config["ingest"].update(listen=f"127.0.0.1:{port}", store=str((out / "store").resolve()),
+    ingest_port, serve_port = free_port(), free_port()
+    config["ingest"].update(listen=f"127.0.0.1:{ingest_port}", store=str((out / "store").resolve()),
                             owners=[{"id": o, "token_sha256": _sha(tokens[o])} for o in OWNERS])
+    config["serve"]["listen"] = f"127.0.0.1:{serve_port}"
+    config["training"]["epochs"] = epochs
     (out / "cluster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     run("orchestrator", "check", str(out / "cluster.yaml"))
-    log = open(out / "ingest.log", "w")
-    server = subprocess.Popen([str(BIN / "orchestrator"), "ingest", str(out / "cluster.yaml")], stdout=log, stderr=log)
+
+    log = open(out / "launch.log", "w")
+    print(f"$ orchestrator launch {out / 'cluster.yaml'}   (log: {out / 'launch.log'})", flush=True)
+    launch = subprocess.Popen([str(BIN / "orchestrator"), "launch", str(out / "cluster.yaml")], stdout=log, stderr=log)
     try:
-        _wait_for(out / "ingest.log", "Ctrl-C stops", server)
-        for owner, data in split_between_owners(out).items():
-            env = {**os.environ, "OWNER_AGENT_HOME": str((out / f"home-{owner}").resolve())}
-            for split in ("train", "test"):
-                run("owner-agent", "--key", f"{owner}-key", "--data", str(data / split), "--split", split,
-                    "--server", f"127.0.0.1:{port}", "--token-file", str(tokens[owner]), env=env)
+        _wait_for(out / "launch.log", "ingest service on port", launch, 120)
+        dashboard = next(l for l in (out / "launch.log").read_text().splitlines() if l.startswith("Ray dashboard:"))
+        print(dashboard, flush=True)
+        data = split_between_owners(out)
+        homes = {o: {**os.environ, "OWNER_AGENT_HOME": str((out / f"home-{o}").resolve())} for o in OWNERS}
+        server = f"127.0.0.1:{ingest_port}"
+
+        def upload(owner: str, key: str, split: str, *extra: str) -> None:
+            run("owner-agent", "--key", key, "--data", str(data[owner] / split), "--split", split, "--server", server,
+                "--token-file", str(tokens[owner]), *extra, env=homes[owner])
+
+        # hospital-a creates the shared key and hands the key file to hospital-b (out of band)
+        run("owner-agent", "keygen", "shared", env=homes["hospital-a"])
+        shared = out / "home-hospital-a" / "keys" / "shared.key"
+        upload("hospital-a", "shared", "train")
+        upload("hospital-a", "shared", "test")
+        upload("hospital-b", str(shared), "test")
+        # the same test images under a key the model never sees: its accuracy should be near chance
+        upload("hospital-b", "private", "test", "--new-key-domain")
+        upload("hospital-b", str(shared), "train")  # the last upload: training starts
+        print("training (follow it in the Ray dashboard) ...", flush=True)
+        _wait_for(out / "launch.log", "prediction service on port", launch, 3600)
+        report = next(l for l in (out / "launch.log").read_text().splitlines() if l.startswith("report: "))
+        print((Path(report.split(": ", 1)[1])).read_text())
+
+        picks = sorted((data["hospital-a"] / "test").glob("*/*.jpg"))[::20]
+        print(f"$ owner-agent predict --key shared --server 127.0.0.1:{serve_port} ... ({len(picks)} test images)")
+        result = subprocess.run([str(BIN / "owner-agent"), "predict", "--key", "shared", "--server",
+                                 f"127.0.0.1:{serve_port}", "--token-file", str(tokens["hospital-a"]), "--top", "1",
+                                 *map(str, picks)], env=homes["hospital-a"], capture_output=True, text=True)
+        right = 0
+        for line in result.stdout.splitlines():
+            path, answer = line.split("\t")
+            truth = Path(path).parent.name
+            right += answer.split()[0] == truth
+            print(f"  {truth:>10} -> {answer}")
+        print(f"predict: {right}/{len(picks)} right")
+        refused = subprocess.run([str(BIN / "owner-agent"), "predict", "--key", "private", "--server",
+                                  f"127.0.0.1:{serve_port}", "--token-file", str(tokens["hospital-b"]), str(picks[0])],
+                                 env=homes["hospital-b"], capture_output=True, text=True)
+        print(f"predict with a key the model never saw -> {refused.stderr.strip()}")
+        print(dashboard)
     finally:
-        server.terminate()
-        server.wait(30)
-    db = sqlite3.connect(out / "store" / config["name"] / "catalog.sqlite")
-    rows = db.execute("SELECT owner, split, key_id, images, committed FROM datasets ORDER BY owner, split").fetchall()
-    print("\nstore catalog (owner, split, key id, images, committed):")
-    for row in rows:
-        print("  ", *row)
-    if len(rows) != 4 or not all(r[4] for r in rows) or len({r[2] for r in rows}) != 2:
-        raise SystemExit("demo failed: expected 4 committed datasets under 2 key ids")
+        launch.send_signal(signal.SIGINT)
+        launch.wait(120)
 
 
 def _sha(token_file: Path) -> str:
@@ -113,25 +148,25 @@ def _sha(token_file: Path) -> str:
     return hashlib.sha256(token_file.read_text().strip().encode()).hexdigest()
 
 
-def _wait_for(log: Path, marker: str, proc: subprocess.Popen) -> None:
-    import time
-
-    deadline = time.monotonic() + 60
+def _wait_for(log: Path, marker: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
     while marker not in log.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"demo failed: the ingest service did not start:\n{log.read_text()}")
-        time.sleep(0.1)
+            raise SystemExit(f"demo failed waiting for {marker!r}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo-out", type=Path)
-    out = parser.parse_args().out
+    parser.add_argument("--epochs", type=int, default=6, help="training epochs (about 30 s each on 2 cores)")
+    args = parser.parse_args()
+    out = args.out
     for sub in ("outbox-png", "decrypted", "data", "store", "home-hospital-a", "home-hospital-b"):
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     owner_side(out)
-    cloud_side(out)
+    cloud_side(out, args.epochs)
     print("\ndemo complete")
     return 0
 

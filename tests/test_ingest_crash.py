@@ -18,7 +18,7 @@ from orchestrator.ingest import token_sha256
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "examples" / "cifar10-sample" / "train"  # 1000 images -> 20 shards of 50
+SAMPLE = ROOT / "examples" / "cifar10-sample" / "train"  # 3000 images -> 20 shards of 150
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 TOKENS = {"hospital-a": "token-a-crash-1", "hospital-b": "token-b-crash-2"}
 SHARDS = 20
@@ -69,7 +69,7 @@ def start_agent(tmp_path, port, owner, procs, *extra):
     proc = subprocess.Popen(
         [sys.executable, "-m", "owners.cli", "--key", f"key-{owner}", "--data", str(SAMPLE),
          "--server", f"127.0.0.1:{port}", "--token-file", str(tmp_path / f"{owner}.token"),
-         "--shard-images", "50", "--no-progress", *extra],
+         "--shard-images", "150", "--no-progress", *extra],
         stdout=out, stderr=out, env=env, cwd=ROOT)
     procs.append(proc)
     return proc
@@ -122,7 +122,7 @@ def test_agents_killed_repeatedly_then_rerun_complete(setup):
     start_server(tmp_path, procs)
     # two owners at once; each agent killed with SIGKILL twice at different points, then rerun
     for stop_at in (3, 11):
-        agents = {o: start_agent(tmp_path, port, o, procs, "--max-rate", "300000") for o in TOKENS}
+        agents = {o: start_agent(tmp_path, port, o, procs, "--max-rate", "1000000") for o in TOKENS}
         for owner, proc in agents.items():
             wait_for_stored(tmp_path, owner, stop_at, proc)
             proc.send_signal(signal.SIGKILL)
@@ -140,7 +140,7 @@ def test_agents_killed_repeatedly_then_rerun_complete(setup):
 def test_server_killed_mid_upload_agent_resumes(setup):
     tmp_path, port, procs = setup
     server = start_server(tmp_path, procs)
-    agent = start_agent(tmp_path, port, "hospital-a", procs, "--max-rate", "300000")
+    agent = start_agent(tmp_path, port, "hospital-a", procs, "--max-rate", "1000000")
     wait_for_stored(tmp_path, "hospital-a", 3, agent)
     server.send_signal(signal.SIGKILL)
     server.wait(10)

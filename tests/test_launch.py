@@ -1,0 +1,165 @@
+"""orchestrator launch end to end, and Ray Train surviving a killed worker. Real Ray, real gRPC."""
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from orchestrator.auth import token_sha256
+from orchestrator.config import TrainingConfig, parse_config
+from orchestrator.data import Geometry, ShardRef
+from orchestrator.training import TrainJob, load_checkpoint, run_training
+from owners.agent import run_agent
+from owners.keys import OwnerKey
+from owners.predict import predict_images
+from owners.prepare import EncryptSettings, encrypt_folder
+from owners.shards import Manifest
+from owners.upload import Connection, UploadError
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "examples" / "cifar10-sample"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+TOKENS = {"hospital-a": "launch-token-a", "hospital-b": "launch-token-b"}
+SHARED = OwnerKey("shared", bytes(range(32)))
+PRIVATE = OwnerKey("private", bytes(range(100, 132)))
+WAIT = 600  # seconds: upper bound of any wait below
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def owner_folders(root: Path, per_class: int) -> dict[str, Path]:
+    """Each owner: a slice of the sample's train images per class, and half the test images."""
+    folders = {}
+    for i, owner in enumerate(TOKENS):
+        for split, count in (("train", per_class), ("test", 10)):
+            for cls in CLASSES:
+                target = root / owner / split / cls
+                target.mkdir(parents=True)
+                files = sorted((SAMPLE / split / cls).iterdir())[i * count:(i + 1) * count]
+                for f in files:
+                    (target / f.name).symlink_to(f)
+        folders[owner] = root / owner
+    return folders
+
+
+def wait_until(condition, what: str, timeout: float = WAIT, poll: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll)
+    return value
+
+
+def test_launch_trains_on_two_owners_reports_and_serves(tmp_path, monkeypatch):
+    from orchestrator.launch import launch
+
+    ingest_port, serve_port, dash_port = free_port(), free_port(), free_port()
+    cfg = parse_config({
+        "name": "launch-test",
+        "ray": {"address": None, "dashboard_port": dash_port},
+        "task": {"classes": CLASSES},
+        "ingest": {"listen": f"127.0.0.1:{ingest_port}", "store": str(tmp_path / "store"), "insecure_loopback": True,
+                   "owners": [{"id": o, "token_sha256": token_sha256(t)} for o, t in TOKENS.items()]},
+        "training": {"strategy": "shared-key", "epochs": 2, "batch_size": 32, "start_when": list(TOKENS),
+                     "wait_timeout_s": WAIT},
+        "serve": {"listen": f"127.0.0.1:{serve_port}"},
+    })
+    messages: list[str] = []
+    stop = threading.Event()
+    outcome = {}
+
+    def run():
+        try:
+            outcome["report"] = launch(cfg, once=False, stop=stop, log=messages.append)
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertions below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: any(m.startswith("ingest service on port") for m in messages) or "error" in outcome, "ingest")
+        assert "error" not in outcome, outcome.get("error")
+        dashboard = next(m.split(": ", 1)[1] for m in messages if m.startswith("Ray dashboard:"))
+        folders = owner_folders(tmp_path / "data", per_class=30)
+        monkeypatch.setenv("OWNER_AGENT_HOME", str(tmp_path / "home"))
+        conn = {o: Connection(f"127.0.0.1:{ingest_port}", t) for o, t in TOKENS.items()}
+        run_agent(SHARED, folders["hospital-a"] / "train", conn["hospital-a"], "train", progress=False)
+        run_agent(SHARED, folders["hospital-a"] / "test", conn["hospital-a"], "test", progress=False)
+        run_agent(SHARED, folders["hospital-b"] / "test", conn["hospital-b"], "test", progress=False)
+        run_agent(PRIVATE, folders["hospital-b"] / "test", conn["hospital-b"], "test", new_key_domain=True,
+                  progress=False)
+        run_agent(SHARED, folders["hospital-b"] / "train", conn["hospital-b"], "train", progress=False)
+
+        # the dashboard answers while the model trains
+        wait_until(lambda: any(m.startswith("training ") for m in messages), "training to start")
+        with urllib.request.urlopen(dashboard, timeout=30) as response:
+            assert response.status == 200
+
+        wait_until(lambda: any(m.startswith("prediction service on port") for m in messages) or "error" in outcome,
+                   "training, evaluation and the prediction service")
+        assert "error" not in outcome, outcome.get("error")
+        store = tmp_path / "store" / "launch-test"
+        report = json.loads((store / "report" / "report.json").read_text())
+        rows = {(r["owner"], r["key_id"]): r for r in report["per_owner_key"]}
+        assert set(rows) == {("hospital-a", SHARED.key_id), ("hospital-b", SHARED.key_id),
+                             ("hospital-b", PRIVATE.key_id)}
+        assert rows[("hospital-b", PRIVATE.key_id)]["seen_in_training"] is False
+        assert rows[("hospital-a", SHARED.key_id)]["seen_in_training"] is True
+        assert [e["epoch"] for e in report["epochs"]] == [1, 2]
+        assert (store / "report" / "curves.png").stat().st_size > 1000
+
+        images = sorted((folders["hospital-a"] / "test").glob("*/*.jpg"))[:5]
+        results = predict_images(SHARED, images, Connection(f"127.0.0.1:{serve_port}", TOKENS["hospital-a"]))
+        assert [r.path for r in results] == [str(p) for p in images]
+        for r in results:
+            assert r.error is None and r.top[0][0] in CLASSES and 0 <= r.top[0][1] <= 1
+        with pytest.raises(UploadError, match="not trained on key id"):
+            predict_images(PRIVATE, images[:1], Connection(f"127.0.0.1:{serve_port}", TOKENS["hospital-b"]))
+        with pytest.raises(UploadError, match="UNAUTHENTICATED"):
+            predict_images(SHARED, images[:1], Connection(f"127.0.0.1:{serve_port}", "wrong-token"))
+    finally:
+        stop.set()
+        thread.join(120)
+    assert "error" not in outcome, outcome.get("error")
+
+
+def test_killed_training_worker_resumes_from_its_last_checkpoint(tmp_path):
+    import ray
+
+    out = tmp_path / "outbox"
+    encrypt_folder(SAMPLE / "test", out, SHARED, EncryptSettings(split="train", classes=tuple(CLASSES)), progress=False)
+    m = Manifest.load(out)
+    refs = tuple(ShardRef(str(out / s.name), "owner", m.key_id, "train", s.count) for s in m.shards)
+    settings = TrainingConfig(epochs=4, batch_size=25, max_failures=2)
+    job = TrainJob("kill-test", tuple(CLASSES), Geometry(32, 16, "color"), refs, refs, settings,
+                   str(tmp_path / "logs"), "test")
+    metrics = tmp_path / "logs" / "metrics.jsonl"
+    result = {}
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        thread = threading.Thread(target=lambda: result.update(checkpoint=run_training(job, tmp_path / "ray")))
+        thread.start()
+        first = wait_until(lambda: metrics.exists() and metrics.read_text().strip() and
+                           json.loads(metrics.read_text().splitlines()[0]), "the first epoch's checkpoint")
+        os.kill(first["worker_pid"], signal.SIGKILL)
+        thread.join(WAIT)
+    finally:
+        ray.shutdown()
+    assert "checkpoint" in result
+    epochs = [json.loads(line) for line in metrics.read_text().splitlines()]
+    pids = [e["worker_pid"] for e in epochs]
+    assert len(set(pids)) == 2 and pids[0] == first["worker_pid"]
+    resumed = [e["epoch"] for e in epochs if e["worker_pid"] != first["worker_pid"]]
+    assert resumed[0] > 1 and resumed[-1] == 4  # continued from a checkpoint, not from scratch
+    assert load_checkpoint(result["checkpoint"])["epoch"] == 3

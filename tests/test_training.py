@@ -1,0 +1,79 @@
+"""The plain training pieces (no Ray): augmentation, one epoch, evaluation, checkpoints."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.config import TrainingConfig
+from orchestrator.data import EncodedImages, Geometry, ShardRef, block_cutmix, mixup, random_crop_flip
+from orchestrator.training import (CHECKPOINT_FILE, TrainJob, checkpoint_payload, evaluate, load_checkpoint,
+                                   model_from_checkpoint, train_one_epoch)
+from owners.keys import OwnerKey
+from owners.prepare import EncryptSettings, encrypt_folder
+from owners.shards import Manifest
+
+SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cifar10-sample" / "test"
+SECRET = b"CANARY-training-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "outbox"
+    encrypt_folder(SAMPLE, out, OwnerKey("k", SECRET), EncryptSettings(split="train", shard_images=100), progress=False)
+    m = Manifest.load(out)
+    refs = tuple(ShardRef(str(out / s.name), "owner", m.key_id, "train", s.count) for s in m.shards)
+    settings = TrainingConfig(model="convmixer_256_8_p4_k9", epochs=1, batch_size=32, strategy="shared-key",
+                              mixup_alpha=0.2, cutmix_prob=0.5)
+    return TrainJob("t", tuple(m.classes), Geometry(32, 16, "color"), refs, refs, settings, str(out), "test")
+
+
+def test_block_cutmix_moves_whole_blocks_only():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(4 * 64 * 64, dtype=torch.float).reshape(4, 1, 64, 64)  # every pixel unique
+    targets = torch.eye(4)
+    replaced_any = False
+    for _ in range(20):
+        out, mixed = block_cutmix(x, targets, 16, g)
+        changed = (out != x).float().reshape(4, 4, 16, 4, 16).mean(dim=(2, 4))  # per image, per block
+        assert set(changed.unique().tolist()) <= {0.0, 1.0}  # a block is replaced whole or not at all
+        replaced_any |= bool(changed.any())
+        assert torch.allclose(mixed.sum(1), torch.ones(4))
+    assert replaced_any
+
+
+def test_mixup_and_crop_keep_shapes_and_label_mass():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 32, 32)
+    y = torch.eye(8)[:, :8]
+    mixed, ty = mixup(x, y, 0.4, g)
+    assert mixed.shape == x.shape and torch.allclose(ty.sum(1), torch.ones(8))
+    cropped = random_crop_flip(x, 4, g)
+    assert cropped.shape == x.shape and not torch.equal(cropped, x)
+
+
+def test_one_epoch_learns_and_checkpoint_describes_itself_without_secrets(job, tmp_path):
+    torch.manual_seed(0)
+    from orchestrator.training import make_model
+
+    model = make_model(job).to(memory_format=torch.channels_last)
+    data = EncodedImages(list(job.train), job.groups)
+    assert len(data) == 200 and data[0][0].shape == (3, 32, 32) and data[0][0].dtype == torch.uint8
+    loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, drop_last=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=3 * len(loader))
+    before = evaluate(model, data, job.groups, job.settings, torch.device("cpu"))
+    losses = [train_one_epoch(model, loader, opt, sched, job, torch.device("cpu"), torch.Generator())["train_loss"]
+              for _ in range(3)]
+    assert losses[-1] < losses[0]
+    after = evaluate(model, data, job.groups, job.settings, torch.device("cpu"))
+    assert set(after["per_group"]) == set(job.groups) and after["per_group"][job.groups[0]]["images"] == 200
+    torch.save(checkpoint_payload(model, opt, sched, 2, job, {"test_acc": after["test_acc"]}), tmp_path / CHECKPOINT_FILE)
+    payload = load_checkpoint(tmp_path / CHECKPOINT_FILE)
+    assert payload["model"] == "convmixer_256_8_p4_k9" and payload["key_ids"] == job.groups
+    assert payload["geometry"] == {"image_size": 32, "block_size": 16, "scheme": "color"}
+    restored = model_from_checkpoint(payload)
+    again = evaluate(restored, data, job.groups, job.settings, torch.device("cpu"))
+    assert again["test_acc"] == pytest.approx(after["test_acc"])
+    blob = (tmp_path / CHECKPOINT_FILE).read_bytes()
+    assert SECRET not in blob and SECRET.hex().encode() not in blob
+    assert before["test_acc"] <= 1.0
