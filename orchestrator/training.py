@@ -206,10 +206,11 @@ def train_loop_per_worker(config: dict) -> None:
                                **{f"test_acc/{g}": v["acc"] for g, v in evaluation["per_group"].items()})
                 torch.save(checkpoint_payload(model, optimizer, scheduler, epoch, job, metrics),
                            Path(folder) / CHECKPOINT_FILE)
-                with open(Path(job.log_dir) / "metrics.jsonl", "a") as log:
-                    log.write(json.dumps(metrics) + "\n")
                 report_checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=report_checkpoint)  # Ray: dashboard metrics + checkpoint
+        if rank == 0:  # logged once the checkpoint is persisted: every logged epoch can be resumed from
+            with open(Path(job.log_dir) / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(metrics) + "\n")
 
 
 def run_training(job: TrainJob, storage: Path) -> Path:
