@@ -44,10 +44,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     cfg = load_config(args.config)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    launch(cfg, once=args.once, stop=stop, log=lambda m: print(m, file=sys.stderr, flush=True))
+    launch(cfg, once=args.once, stop=threading.Event(), log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0
 
 

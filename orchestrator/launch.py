@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import threading
 import time
 from pathlib import Path
@@ -149,12 +150,21 @@ def _plot(path: Path, epochs: list[dict], chance: float) -> None:
     plt.close(fig)
 
 
+def stop_on_signals(stop: threading.Event) -> None:
+    """SIGINT/SIGTERM set ``stop``. Called again after training: Ray Train's fit() installs its own
+    SIGINT handler and leaves it in place."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+
+
 def launch(cfg: ClusterConfig, once: bool, stop: threading.Event, log=print) -> Path:
     """Run the whole flow; returns the report path. Serves predictions until ``stop`` unless ``once``."""
     import ray
 
     from orchestrator.serve import start_serving
 
+    stop_on_signals(stop)
     dashboard = start_ray(cfg.ray, log)
     ingest: IngestService | None = None
     serving = None
@@ -167,6 +177,7 @@ def launch(cfg: ClusterConfig, once: bool, stop: threading.Event, log=print) -> 
             f"{sum(r.images for r in job.train)} images of {len({r.owner for r in job.train})} owner(s), "
             f"{job.settings.epochs} epochs, {job.settings.workers} worker(s); dashboard {dashboard}")
         checkpoint = run_training(job, ingest.store.root / "ray")
+        stop_on_signals(stop)
         rows = evaluate_checkpoint(checkpoint, job)
         report = write_report(ingest.store.root / "report", job, checkpoint, rows, dashboard)
         log(report.read_text())

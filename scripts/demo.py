@@ -139,7 +139,11 @@ def cloud_side(out: Path, epochs: int) -> None:
         print(dashboard)
     finally:
         launch.send_signal(signal.SIGINT)
-        launch.wait(120)
+        try:
+            launch.wait(120)
+        except subprocess.TimeoutExpired:
+            launch.kill()
+            raise SystemExit("demo failed: orchestrator launch did not stop on SIGINT")
 
 
 def _sha(token_file: Path) -> str:
