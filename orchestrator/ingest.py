@@ -87,10 +87,9 @@ class IngestServicer(pb_grpc.IngestServicer):
                     upload.write(message.data, message.data_crc32)
             progress = upload.finish()
         except StoreError as exc:
-            upload.abort()
             self._refuse(context, owner, exc)
         finally:
-            upload.abort()  # idempotent; covers a client that went away mid-stream
+            upload.abort()  # idempotent: frees the shard however the stream ended (refused, client gone)
         if progress.stored:
             log.info("owner %s stored shard %s (%d bytes)", owner, h.shard_sha256[:12], progress.size)
         return pb.ShardState(progress=_progress_pb(progress))
