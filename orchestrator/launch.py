@@ -116,7 +116,7 @@ def write_report(folder: Path, job: TrainJob, checkpoint: Path, rows: list[dict]
              "| owner | key id | seen in training | test images | accuracy |", "|---|---|---|---|---|"]
     lines += [f"| {r['owner']} | {r['key_id'] or '-'} | {'yes' if r['seen_in_training'] else 'NO'} | {r['images']} "
               f"| {r['accuracy']:.1%} |" for r in rows]
-    lines += ["", "| epoch | train loss | train acc | test acc | images/s |", "|---|---|---|---|---|"]
+    lines += ["", "| epoch | train loss | train acc | test acc (keys trained on) | images/s |", "|---|---|---|---|---|"]
     lines += [f"| {e['epoch']} | {e['train_loss']:.3f} | {e['train_acc']:.1%} | {e.get('test_acc', 0):.1%} | "
               f"{e['images_per_s']:.0f} |" for e in epochs]
     lines += ["", f"checkpoint: {checkpoint}", f"Ray dashboard: {dashboard}", "![curves](curves.png)"]
@@ -141,7 +141,9 @@ def _plot(path: Path, epochs: list[dict], chance: float) -> None:
     ax1.plot(x, [e["train_loss"] for e in epochs], marker="o")
     ax1.set(xlabel="epoch", ylabel="train loss")
     ax2.plot(x, [e["train_acc"] for e in epochs], marker="o", label="train")
-    ax2.plot(x, [e.get("test_acc", 0) for e in epochs], marker="o", label="test")
+    ax2.plot(x, [e.get("test_acc", 0) for e in epochs], marker="o", label="test (keys trained on)")
+    if any("test_acc_unseen_keys" in e for e in epochs):
+        ax2.plot(x, [e.get("test_acc_unseen_keys", 0) for e in epochs], marker="o", label="test (keys never seen)")
     ax2.axhline(chance, color="grey", linestyle=":", label="chance")
     ax2.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1))
     ax2.legend()

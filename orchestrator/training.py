@@ -126,6 +126,16 @@ def evaluate(model, dataset: EncodedImages, groups: list[str], settings: Trainin
                           for i, g in enumerate(groups) if counts[i] > 0}}
 
 
+def seen_and_unseen_accuracy(per_group: dict, trained_groups: list[str]) -> dict:
+    """test_acc over the keys the model trains on; test_acc_unseen_keys over the others, if any."""
+    out = {}
+    for name, keep in (("test_acc", True), ("test_acc_unseen_keys", False)):
+        rows = [v for g, v in per_group.items() if (g in trained_groups) == keep]
+        if rows:
+            out[name] = sum(v["acc"] * v["images"] for v in rows) / sum(v["images"] for v in rows)
+    return out
+
+
 def checkpoint_payload(model, optimizer, scheduler, epoch: int, job: TrainJob, metrics: dict) -> dict:
     """Self-describing: a checkpoint alone says how to rebuild and use the model (no secrets)."""
     unwrapped = model.module if hasattr(model, "module") else model
@@ -201,9 +211,9 @@ def train_loop_per_worker(config: dict) -> None:
             report_checkpoint = None
             if rank == 0:
                 unwrapped = model.module if hasattr(model, "module") else model
-                evaluation = evaluate(unwrapped, test_set, test_groups, s, device)
-                metrics.update(test_acc=evaluation["test_acc"],
-                               **{f"test_acc/{g}": v["acc"] for g, v in evaluation["per_group"].items()})
+                per_group = evaluate(unwrapped, test_set, test_groups, s, device)["per_group"]
+                metrics.update(seen_and_unseen_accuracy(per_group, job.groups),
+                               **{f"test_acc/{g}": v["acc"] for g, v in per_group.items()})
                 torch.save(checkpoint_payload(model, optimizer, scheduler, epoch, job, metrics),
                            Path(folder) / CHECKPOINT_FILE)
                 report_checkpoint = ray.train.Checkpoint.from_directory(folder)

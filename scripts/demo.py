@@ -120,7 +120,7 @@ def cloud_side(out: Path, epochs: int) -> None:
         report = next(l for l in (out / "launch.log").read_text().splitlines() if l.startswith("report: "))
         print((Path(report.split(": ", 1)[1])).read_text())
 
-        picks = sorted((data["hospital-a"] / "test").glob("*/*.jpg"))[::20]
+        picks = sorted((data["hospital-a"] / "test").glob("*/*.jpg"))[::5]
         print(f"$ owner-agent predict --key shared --server 127.0.0.1:{serve_port} ... ({len(picks)} test images)")
         result = subprocess.run([str(BIN / "owner-agent"), "predict", "--key", "shared", "--server",
                                  f"127.0.0.1:{serve_port}", "--token-file", str(tokens["hospital-a"]), "--top", "1",

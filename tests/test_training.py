@@ -77,3 +77,12 @@ def test_one_epoch_learns_and_checkpoint_describes_itself_without_secrets(job, t
     blob = (tmp_path / CHECKPOINT_FILE).read_bytes()
     assert SECRET not in blob and SECRET.hex().encode() not in blob
     assert before["test_acc"] <= 1.0
+
+
+def test_per_epoch_test_accuracy_keeps_unseen_keys_apart():
+    from orchestrator.training import seen_and_unseen_accuracy
+
+    per_group = {"k1": {"acc": 0.6, "images": 100}, "k2": {"acc": 0.4, "images": 300}, "x": {"acc": 0.1, "images": 50}}
+    out = seen_and_unseen_accuracy(per_group, ["k1", "k2"])
+    assert out["test_acc"] == pytest.approx(0.45) and out["test_acc_unseen_keys"] == pytest.approx(0.1)
+    assert "test_acc_unseen_keys" not in seen_and_unseen_accuracy(per_group, ["k1", "k2", "x"])
