@@ -5,6 +5,7 @@ Each step is a function a test can call alone; :func:`launch` strings them toget
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import signal
 import threading
@@ -73,9 +74,15 @@ def build_job(cfg: ClusterConfig, store: ShardStore) -> TrainJob:
     if s.strategy == "shared-key" and len(keys) > 1:
         raise ConfigError(f"training.strategy 'shared-key' expects one key, but the train splits use "
                           f"{len(keys)} key ids ({', '.join(keys)}); use 'pooled' or re-encrypt with one key")
-    job = TrainJob(cfg.name, tuple(t.classes), Geometry(t.image_size, None if t.scheme == "plain" else t.block_size,
+    # The Ray run is named after what it trains on and how: rerunning the same config on the same
+    # data resumes it; new uploads or new settings start a new run instead of resuming a stale one.
+    plan = json.dumps([sorted((r.path, r.owner, r.key_id or "") for r in train),
+                       {k: str(v) for k, v in dataclasses.asdict(s).items() if k not in ("start_when", "wait_timeout_s")}],
+                      sort_keys=True)
+    run_name = f"{cfg.name}-{hashlib.sha256(plan.encode()).hexdigest()[:10]}"
+    job = TrainJob(run_name, tuple(t.classes), Geometry(t.image_size, None if t.scheme == "plain" else t.block_size,
                                                         t.scheme),
-                   train, test, s, str(store.root / "logs"), code_version())
+                   train, test, s, str(store.root / "runs" / run_name), code_version())
     make_model(job)  # a bad model/geometry combination fails here, before Ray starts workers
     return job
 
@@ -181,7 +188,7 @@ def launch(cfg: ClusterConfig, once: bool, stop: threading.Event, log=print) -> 
         checkpoint = run_training(job, ingest.store.root / "ray")
         stop_on_signals(stop)
         rows = evaluate_checkpoint(checkpoint, job)
-        report = write_report(ingest.store.root / "report", job, checkpoint, rows, dashboard)
+        report = write_report(Path(job.log_dir) / "report", job, checkpoint, rows, dashboard)
         log(report.read_text())
         log(f"report: {report}")
         if once:

@@ -109,15 +109,16 @@ def test_launch_trains_on_two_owners_reports_and_serves(tmp_path, monkeypatch):
         wait_until(lambda: any(m.startswith("prediction service on port") for m in messages) or "error" in outcome,
                    "training, evaluation and the prediction service")
         assert "error" not in outcome, outcome.get("error")
-        store = tmp_path / "store" / "launch-test"
-        report = json.loads((store / "report" / "report.json").read_text())
+        report_path = Path(next(m.split(": ", 1)[1] for m in messages if m.startswith("report: ")))
+        assert report_path.parent.parent.parent == tmp_path / "store" / "launch-test" / "runs"
+        report = json.loads((report_path.parent / "report.json").read_text())
         rows = {(r["owner"], r["key_id"]): r for r in report["per_owner_key"]}
         assert set(rows) == {("hospital-a", SHARED.key_id), ("hospital-b", SHARED.key_id),
                              ("hospital-b", PRIVATE.key_id)}
         assert rows[("hospital-b", PRIVATE.key_id)]["seen_in_training"] is False
         assert rows[("hospital-a", SHARED.key_id)]["seen_in_training"] is True
         assert [e["epoch"] for e in report["epochs"]] == [1, 2]
-        assert (store / "report" / "curves.png").stat().st_size > 1000
+        assert (report_path.parent / "curves.png").stat().st_size > 1000
 
         images = sorted((folders["hospital-a"] / "test").glob("*/*.jpg"))[:5]
         results = predict_images(SHARED, images, Connection(f"127.0.0.1:{serve_port}", TOKENS["hospital-a"]))
