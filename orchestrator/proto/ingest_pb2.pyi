@@ -38,7 +38,7 @@ class OpenDatasetRequest(_message.Message):
     NEW_KEY_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     manifest_json: bytes
     new_key_domain: bool
-    def __init__(self, manifest_json: _Optional[bytes] = ..., new_key_domain: _Optional[bool] = ...) -> None: ...
+    def __init__(self, manifest_json: _Optional[bytes] = ..., new_key_domain: bool = ...) -> None: ...
 
 class ShardProgress(_message.Message):
     __slots__ = ("name", "sha256", "size", "received", "stored")
@@ -52,7 +52,7 @@ class ShardProgress(_message.Message):
     size: int
     received: int
     stored: bool
-    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., received: _Optional[int] = ..., stored: _Optional[bool] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., received: _Optional[int] = ..., stored: bool = ...) -> None: ...
 
 class DatasetState(_message.Message):
     __slots__ = ("dataset_id", "owner_id", "split", "key_id", "shards", "committed", "images")
@@ -70,7 +70,7 @@ class DatasetState(_message.Message):
     shards: _containers.RepeatedCompositeFieldContainer[ShardProgress]
     committed: bool
     images: int
-    def __init__(self, dataset_id: _Optional[str] = ..., owner_id: _Optional[str] = ..., split: _Optional[str] = ..., key_id: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardProgress, _Mapping]]] = ..., committed: _Optional[bool] = ..., images: _Optional[int] = ...) -> None: ...
+    def __init__(self, dataset_id: _Optional[str] = ..., owner_id: _Optional[str] = ..., split: _Optional[str] = ..., key_id: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardProgress, _Mapping]]] = ..., committed: bool = ..., images: _Optional[int] = ...) -> None: ...
 
 class ShardHeader(_message.Message):
     __slots__ = ("dataset_id", "shard_sha256", "offset")

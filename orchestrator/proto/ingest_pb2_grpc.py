@@ -5,7 +5,7 @@ import warnings
 
 from orchestrator.proto import ingest_pb2 as orchestrator_dot_proto_dot_ingest__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.74.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in orchestrator/proto/ingest_pb2_grpc.py depends on'
+        + f' but the generated code in orchestrator/proto/ingest_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class IngestStub:
+class IngestStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -56,7 +56,7 @@ class IngestStub:
                 _registered_method=True)
 
 
-class IngestServicer:
+class IngestServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def GetTask(self, request, context):
@@ -121,7 +121,7 @@ def add_IngestServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Ingest:
+class Ingest(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -233,7 +233,7 @@ class Ingest:
             _registered_method=True)
 
 
-class PredictorStub:
+class PredictorStub(object):
     """Prediction: owners send images encrypted with their key (encoded as the task's codec) and get
     class probabilities back. Same tokens as ingest.
     """
@@ -256,7 +256,7 @@ class PredictorStub:
                 _registered_method=True)
 
 
-class PredictorServicer:
+class PredictorServicer(object):
     """Prediction: owners send images encrypted with their key (encoded as the task's codec) and get
     class probabilities back. Same tokens as ingest.
     """
@@ -294,7 +294,7 @@ def add_PredictorServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Predictor:
+class Predictor(object):
     """Prediction: owners send images encrypted with their key (encoded as the task's codec) and get
     class probabilities back. Same tokens as ingest.
     """
