@@ -261,3 +261,17 @@ def load_config(path: Path | str) -> ClusterConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path.name}: not valid YAML: {exc}") from None
     return parse_config(data, path.resolve())
+
+
+def load_dataclass(cls: type, path: Path | str):
+    """Any frozen-dataclass config from YAML, with the same strict checks and messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text("utf-8"))
+        return _build(cls, data, "", path.resolve().parent)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path.name}: not valid YAML: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{path.name}: {exc}") from None
