@@ -8,7 +8,6 @@ the write to disk, fsync, the whole-shard sha256 check and the catalog update.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import socket
 import subprocess

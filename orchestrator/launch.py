@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from orchestrator.config import ClusterConfig, ConfigError, RayConfig
-from orchestrator.data import EncodedImages, Geometry, ShardRef, group_names, plan_from_catalog
+from orchestrator.data import EncodedImages, Geometry, group_names, plan_from_catalog
 from orchestrator.ingest import IngestService, start_ingest
 from orchestrator.store import ShardStore
 from orchestrator.training import (TrainJob, code_version, evaluate, load_checkpoint, make_model,

@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", help=key_help)
     p.add_argument("--data", required=True, help="image folder laid out as DIR/<class>/<image>")
     p.add_argument("--server", required=True, help="ingest service HOST:PORT")
-    p.add_argument("--token-file", help=f"file holding your upload token (mode 0600); or set $OWNER_AGENT_TOKEN")
+    p.add_argument("--token-file", help="file holding your upload token (mode 0600); or set $OWNER_AGENT_TOKEN")
     p.add_argument("--split", choices=("train", "test"), default="train")
     p.add_argument("--plain", action="store_true", help="upload without encryption (plain baseline tasks)")
     p.add_argument("--outbox", help="where to keep the encrypted shards (default: under $OWNER_AGENT_HOME/outbox)")
