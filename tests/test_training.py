@@ -61,7 +61,6 @@ def test_one_epoch_learns_and_checkpoint_describes_itself_without_secrets(job, t
     loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, drop_last=True)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=3 * len(loader))
-    before = evaluate(model, data, job.groups, job.settings, torch.device("cpu"))
     losses = [train_one_epoch(model, loader, opt, sched, job, torch.device("cpu"), torch.Generator())["train_loss"]
               for _ in range(3)]
     assert losses[-1] < losses[0]
@@ -76,7 +75,6 @@ def test_one_epoch_learns_and_checkpoint_describes_itself_without_secrets(job, t
     assert again["test_acc"] == pytest.approx(after["test_acc"])
     blob = (tmp_path / CHECKPOINT_FILE).read_bytes()
     assert SECRET not in blob and SECRET.hex().encode() not in blob
-    assert before["test_acc"] <= 1.0
 
 
 def test_per_epoch_test_accuracy_keeps_unseen_keys_apart():
