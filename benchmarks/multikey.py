@@ -10,7 +10,12 @@ its own key, plus the same images under a key no owner has ("wrong key"). Writes
 table, a plot and a JSON record (config, code version, every number) to ``out``.
 
 Strategies measured: plain (no encryption), shared-key (all owners, one key), pooled (a key per
-owner, one model, no key information).
+owner, one model, no key information), key-adapters (a key per owner, a per-key BlockAdapter in
+front of a shared trunk, all trained in the cloud).
+
+Wrong key: the test images under a key no owner has. A keyed model refuses that key id, so it is
+also measured the way an attacker would try: presented under owner0's key id. Key leakage: for
+keyed models, how much of the owners' relative schedules the adapters reveal (benchmarks/leakage.py).
 """
 from __future__ import annotations
 
@@ -31,12 +36,18 @@ from benchmarks._common import ROOT, machine_facts
 from orchestrator.config import TrainingConfig, load_dataclass
 from orchestrator.data import Geometry, ShardRef
 from orchestrator.launch import evaluate_checkpoint
-from orchestrator.training import TrainJob, code_version, run_training
+from benchmarks.leakage import relative_recovery
+from models.keyed import KeyedModel, parameter_counts
+from orchestrator.training import (TrainJob, code_version, evaluate, load_checkpoint, model_from_checkpoint,
+                                   run_training)
+from orchestrator.data import EncodedImages
+from owners.cipher import Geometry as CipherGeometry
+from owners.cipher import derive_schedule
 from owners.keys import OwnerKey
 from owners.prepare import EncryptSettings, encrypt_folder
 from owners.shards import Manifest
 
-STRATEGIES = ("plain", "shared-key", "pooled")
+STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters")
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,7 @@ class ExperimentConfig:
     epochs: int = 4
     batch_size: int = 64
     lr: float = 0.01
+    adapter_lr_scale: float = 10.0  # key-adapters: the adapters' lr relative to lr
     seed: int = 0
     out: Path = ROOT / "results" / "multikey"
 
@@ -111,7 +123,7 @@ def run_cell(cfg: ExperimentConfig, k: int, partition: str, strategy: str, share
     if strategy != "plain":
         test += prepare(test_dir, work / tag / "wrong-key", key_for("wrong", cfg.seed), classes, "test", "wrong-key")
     settings = TrainingConfig(model=cfg.model, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                              seed=cfg.seed, strategy=strategy)
+                              seed=cfg.seed, strategy=strategy, adapter_lr_scale=cfg.adapter_lr_scale)
     job = TrainJob(tag, classes, Geometry(32, None if strategy == "plain" else 16,
                                           "plain" if strategy == "plain" else "color"),
                    train, test, settings, str(work / tag / "logs"), code_version())
@@ -121,11 +133,37 @@ def run_cell(cfg: ExperimentConfig, k: int, partition: str, strategy: str, share
     rows = evaluate_checkpoint(checkpoint, job)
     owners = [r for r in rows if r["owner"] != "wrong-key"]
     wrong = [r for r in rows if r["owner"] == "wrong-key"]
-    return {"k": k, "partition": partition, "strategy": strategy, "minutes": minutes,
-            "accuracy": float(np.mean([r["accuracy"] for r in owners])),
-            "per_owner": {r["owner"]: r["accuracy"] for r in owners},
-            "wrong_key_accuracy": wrong[0]["accuracy"] if wrong else None,
-            "train_images": sum(r.images for r in train)}
+    model = model_from_checkpoint(load_checkpoint(checkpoint))
+    result = {"k": k, "partition": partition, "strategy": strategy, "minutes": minutes,
+              "accuracy": float(np.mean([r["accuracy"] for r in owners])),
+              "per_owner": {r["owner"]: r["accuracy"] for r in owners},
+              "wrong_key_accuracy": wrong[0]["accuracy"] if wrong else None,
+              "wrong_key_refused": bool(wrong and wrong[0]["refused"]),
+              "train_images": sum(r.images for r in train), "parameters": parameter_counts(model),
+              "leakage": None}
+    if isinstance(model, KeyedModel):
+        result["wrong_key_accuracy"] = stolen_key_id_accuracy(model, job, test)
+        result["leakage"] = adapter_leakage(model, cfg, keys)
+    return result
+
+
+def stolen_key_id_accuracy(model: KeyedModel, job: TrainJob, test) -> float:
+    """Wrong-key images presented under owner0's key id (the adapter an attacker would borrow)."""
+    import torch
+
+    shards = [r for r in test if r.owner == "wrong-key"]
+    key = shards[0].key_id
+    victim = next(r.key_id for r in job.train if r.owner == "owner0")
+    out = evaluate(model, EncodedImages(shards, [key]), [key], job.settings, torch.device("cpu"), route={key: victim})
+    return out["test_acc"]
+
+
+def adapter_leakage(model: KeyedModel, cfg: ExperimentConfig, keys: dict) -> dict:
+    """relative_recovery of the adapters against the owners' true schedules (known here only)."""
+    geometry = CipherGeometry(32, 32, 16, "color")
+    by_id = {key.key_id: key for key in keys.values() if key is not None}
+    schedules = [derive_schedule(by_id[kid].secret, geometry) for kid in model.key_ids]
+    return relative_recovery(list(model.adapters), schedules)
 
 
 def main() -> None:
@@ -168,13 +206,16 @@ def main() -> None:
 def write_outputs(cfg: ExperimentConfig, results: list[dict]) -> None:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["| K | partition | strategy | mean owner accuracy | wrong-key accuracy | key leakage | minutes |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| K | partition | strategy | mean owner accuracy | wrong-key accuracy | key leakage to the cloud | "
+             "parameters (shared + per key) | minutes |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         wrong = "-" if r["wrong_key_accuracy"] is None else f"{r['wrong_key_accuracy']:.1%}"
-        leak = "-" if r["strategy"] == "plain" else "not measured yet"
+        if r.get("wrong_key_refused"):
+            wrong = f"refused; {wrong} under owner0's key id"
+        leak = leakage_cell(r)
+        params = r["parameters"]
         lines.append(f"| {r['k']} | {r['partition']} | {r['strategy']} | {r['accuracy']:.1%} | {wrong} | {leak} | "
-                     f"{r['minutes']:.1f} |")
+                     f"{params['shared']:,} + {params['per_key']:,} | {r['minutes']:.1f} |")
     table = "\n".join(lines)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
     (out / "results.md").write_text(f"# Multi-key experiment\n\n{table}\n\nconfig: `{json.dumps(config)}`\n")
@@ -183,6 +224,18 @@ def write_outputs(cfg: ExperimentConfig, results: list[dict]) -> None:
     _plot(out / "results.png", results)
     print(table)
     print(f"wrote {out / 'results.md'}, results.json, results.png")
+
+
+def leakage_cell(r: dict) -> str:
+    if r["strategy"] == "plain":
+        return "-"
+    if r["leakage"] is None:
+        return "none: no per-key weights"
+    lk = r["leakage"]
+    if lk["relative_order"] is None:
+        return f"one key: adapter is the exact inverse for {lk['absolute_full']:.0%} of blocks"
+    return (f"relative block order {lk['relative_order']:.0%} (chance {lk['chance_order']:.0%}), "
+            f"whole block {lk['relative_full']:.0%}")
 
 
 def _plot(path: Path, results: list[dict]) -> None:

@@ -18,6 +18,7 @@ SCHEMES = ("color", "gray", "plain")
 FORMATS = ("jpeg", "png")
 CHROMAS = ("420", "444")
 STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters", "federated")
+KEYED_STRATEGIES = ("key-adapters", "federated")  # a per-key adapter in front of a shared trunk
 PRECISIONS = ("auto", "fp32", "bf16")
 OWNER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -88,6 +89,8 @@ class TrainingConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU: bf16 is 6x slower on CPUs without AMX) | fp32 | bf16
     pretrained_file: Path | None = None  # local weights for timm models (e.g. ViT-B/16); never downloaded
     max_failures: int = 2  # Ray Train restarts from the last checkpoint this many times
+    adapter_lr_scale: float = 10.0  # key-adapters/federated: adapters' peak lr = lr x this (they
+    # must travel from "every block everywhere" to a hard permutation within one schedule)
     seed: int = 0
     start_when: tuple[str, ...] = ()  # owners whose train and test uploads start training
     wait_timeout_s: int = 3600  # give up waiting for those uploads after this long
@@ -233,6 +236,10 @@ def _validate(cfg: ClusterConfig) -> None:
             raise ConfigError(f"training.{name}: must be at least 1")
     if tr.precision not in PRECISIONS:
         raise ConfigError(f"training.precision: {tr.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if tr.adapter_lr_scale <= 0:
+        raise ConfigError("training.adapter_lr_scale: must be positive")
+    if tr.strategy in KEYED_STRATEGIES and t.scheme == "plain":
+        raise ConfigError(f"training.strategy: {tr.strategy!r} needs encrypted data (task.scheme color or gray)")
     if not 0 <= tr.cutmix_prob <= 1 or tr.mixup_alpha < 0:
         raise ConfigError("training.cutmix_prob must be in [0, 1] and training.mixup_alpha >= 0")
     missing = [o for o in tr.start_when if o not in ids]

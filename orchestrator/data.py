@@ -106,21 +106,28 @@ def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> t
     return out
 
 
-def mixup(x: torch.Tensor, targets: torch.Tensor, alpha: float, generator: torch.Generator):
-    """Mix each image with another of the batch; block-preserving (pixel-wise blend)."""
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    perm = torch.randperm(x.shape[0], generator=generator)
+def partners(groups: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random partner for each image among the images of the same group (key id)."""
+    perm = torch.arange(len(groups))
+    for g in groups.unique():
+        rows = (groups == g).nonzero().squeeze(1)
+        perm[rows] = rows[torch.randperm(len(rows), generator=generator)]
+    return perm
+
+
+def mixup(x: torch.Tensor, targets: torch.Tensor, alpha: float, perm: torch.Tensor, generator: torch.Generator):
+    """Blend each image with its partner ``x[perm]``; block-preserving (pixel-wise blend)."""
+    lam = float(torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha))).sample())
     return lam * x + (1 - lam) * x[perm], lam * targets + (1 - lam) * targets[perm]
 
 
-def block_cutmix(x: torch.Tensor, targets: torch.Tensor, block: int, generator: torch.Generator):
-    """CutMix with a rectangle on the EtC block grid, so no block is split (safe on EtC images)."""
-    n, _, h, w = x.shape
+def block_cutmix(x: torch.Tensor, targets: torch.Tensor, block: int, perm: torch.Tensor, generator: torch.Generator):
+    """CutMix with partner ``x[perm]`` in a rectangle on the EtC block grid, so no block is split."""
+    _, _, h, w = x.shape
     rows, cols = h // block, w // block
     r0, c0 = int(torch.randint(0, rows, (1,), generator=generator)), int(torch.randint(0, cols, (1,), generator=generator))
     r1 = int(torch.randint(r0 + 1, rows + 1, (1,), generator=generator))
     c1 = int(torch.randint(c0 + 1, cols + 1, (1,), generator=generator))
-    perm = torch.randperm(n, generator=generator)
     out = x.clone()
     out[:, :, r0 * block:r1 * block, c0 * block:c1 * block] = x[perm, :, r0 * block:r1 * block, c0 * block:c1 * block]
     lam = 1 - (r1 - r0) * (c1 - c0) / (rows * cols)

@@ -19,7 +19,7 @@ from orchestrator.store import ShardStore
 from orchestrator.training import (TrainJob, code_version, evaluate, load_checkpoint, make_model,
                                    model_from_checkpoint, run_training)
 
-AVAILABLE_STRATEGIES = ("plain", "shared-key", "pooled")
+AVAILABLE_STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters")  # federated: `orchestrator federate`
 
 
 def start_ray(cfg: RayConfig, log=print) -> str | None:
@@ -99,9 +99,10 @@ def evaluate_checkpoint(checkpoint: Path, job: TrainJob) -> list[dict]:
         for key in sorted({r.key_id or r.owner for r in job.test if r.owner == owner}):
             shards = [r for r in job.test if r.owner == owner and (r.key_id or r.owner) == key]
             result = evaluate(model, EncodedImages(shards, [key]), [key], job.settings, torch.device("cpu"))
+            group = result["per_group"][key]
             rows.append({"owner": owner, "key_id": key if job.geometry.scheme != "plain" else None,
-                         "seen_in_training": key in trained, "images": result["per_group"][key]["images"],
-                         "accuracy": result["test_acc"]})
+                         "seen_in_training": key in trained, "images": group["images"],
+                         "accuracy": group["acc"], "refused": group["refused"]})
     return rows
 
 
@@ -114,7 +115,7 @@ def write_report(folder: Path, job: TrainJob, checkpoint: Path, rows: list[dict]
         final[e["epoch"]] = e
     epochs = [final[k] for k in sorted(final)]
     chance = 1 / len(job.classes)
-    seen = [r for r in rows if r["seen_in_training"]]
+    seen = [r for r in rows if r["seen_in_training"] and not r["refused"]]
     seen_acc = sum(r["accuracy"] * r["images"] for r in seen) / max(1, sum(r["images"] for r in seen))
     lines = [f"# Run {job.run_name}", "",
              f"model {job.settings.model}, strategy {job.settings.strategy}, scheme {job.geometry.scheme}, "
@@ -122,7 +123,7 @@ def write_report(folder: Path, job: TrainJob, checkpoint: Path, rows: list[dict]
              f"test accuracy on keys seen in training: **{seen_acc:.1%}** (chance {chance:.0%})", "",
              "| owner | key id | seen in training | test images | accuracy |", "|---|---|---|---|---|"]
     lines += [f"| {r['owner']} | {r['key_id'] or '-'} | {'yes' if r['seen_in_training'] else 'NO'} | {r['images']} "
-              f"| {r['accuracy']:.1%} |" for r in rows]
+              f"| {'refused (no adapter for this key)' if r['refused'] else format(r['accuracy'], '.1%')} |" for r in rows]
     lines += ["", "| epoch | train loss | train acc | test acc (keys trained on) | images/s |", "|---|---|---|---|---|"]
     lines += [f"| {e['epoch']} | {e['train_loss']:.3f} | {e['train_acc']:.1%} | {e.get('test_acc', 0):.1%} | "
               f"{e['images_per_s']:.0f} |" for e in epochs]

@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import torch
 
+from models.keyed import KeyedModel
 from orchestrator.auth import TokenAuth, bind
 from orchestrator.config import ClusterConfig, ConfigError, TrainingConfig, is_loopback
 from orchestrator.data import Geometry
@@ -63,8 +64,11 @@ class Predictor:
             arrays.append(arr)
         batch = np.stack(arrays)
         batch = batch[:, None] if batch.ndim == 3 else batch.transpose(0, 3, 1, 2)
+        key_index = None
+        if isinstance(self.model, KeyedModel):  # route every image through its key's adapter
+            key_index = torch.full((len(batch),), self.model.key_index(key_id), dtype=torch.long)
         logits = predict_logits(self.model, torch.from_numpy(np.ascontiguousarray(batch)), self.settings,
-                                torch.device("cpu"))
+                                torch.device("cpu"), key_index)
         return torch.softmax(logits, dim=1).numpy()
 
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from models import build_model
-from orchestrator.config import TrainingConfig
-from orchestrator.data import (EncodedImages, Geometry, ShardRef, block_cutmix, group_names, mixup, normalise,
+from models.keyed import KeyedModel, UnknownKeyError, key_adapter_model
+from orchestrator.config import KEYED_STRATEGIES, TrainingConfig
+from orchestrator.data import (EncodedImages, Geometry, ShardRef, block_cutmix, group_names, mixup, normalise, partners,
                                random_crop_flip)
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -55,10 +56,48 @@ def code_version() -> str:
         return "unknown"
 
 
+def build_network(strategy: str, model: str, num_classes: int, geometry: Geometry, key_ids: list[str],
+                  pretrained_file: Path | None = None) -> torch.nn.Module:
+    """The network a strategy trains: the model alone, or (key-adapters, federated) one adapter
+    per key id in front of the model as a shared trunk."""
+    g = geometry
+    net = build_model(model, num_classes, g.shape, g.in_chans, g.block_size, pretrained_file)
+    if strategy in KEYED_STRATEGIES:
+        net = key_adapter_model(net, key_ids, g.in_chans, g.shape, g.block_size)
+    return net
+
+
 def make_model(job: TrainJob) -> torch.nn.Module:
-    g = job.geometry
-    return build_model(job.settings.model, len(job.classes), g.shape, g.in_chans, g.block_size,
-                       job.settings.pretrained_file)
+    s = job.settings
+    return build_network(s.strategy, s.model, len(job.classes), job.geometry, job.groups, s.pretrained_file)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model  # DDP
+
+
+def run_model(model: torch.nn.Module, x: torch.Tensor, key_index: torch.Tensor | None) -> torch.Tensor:
+    """Logits; a keyed model also gets each image's key index (position in its key_ids)."""
+    if isinstance(unwrap(model), KeyedModel):
+        if key_index is None:
+            raise UnknownKeyError("this model needs the key id of every query")
+        return model(x, key_index)
+    return model(x)
+
+
+def make_optimizer(model: torch.nn.Module, s: TrainingConfig, steps: int):
+    """AdamW with a one-cycle schedule. Adapters get adapter_lr_scale x lr and no weight decay
+    (decay would pull their permutation logits back to "every block everywhere")."""
+    net = unwrap(model)
+    adapters = list(net.adapters.parameters()) if isinstance(net, KeyedModel) else []
+    taken = {id(p) for p in adapters}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in taken], "lr": s.lr,
+               "weight_decay": s.weight_decay}]
+    if adapters:
+        groups.append({"params": adapters, "lr": s.lr * s.adapter_lr_scale, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups], total_steps=steps)
+    return optimizer, scheduler
 
 
 def autocast_for(settings: TrainingConfig, device: torch.device):
@@ -66,9 +105,10 @@ def autocast_for(settings: TrainingConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def prepare_batch(images: torch.Tensor, labels: torch.Tensor, job: TrainJob, generator: torch.Generator,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalise and augment one training batch; targets are soft (mixup/CutMix mix them)."""
+def prepare_batch(images: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, job: TrainJob,
+                  generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise and augment one training batch; targets are soft (mixup/CutMix mix them).
+    Mixing partners share the key (group): an image blended across keys fits no key's adapter."""
     x = normalise(images.to(device, non_blocking=True))
     targets = torch.nn.functional.one_hot(labels.to(device), len(job.classes)).float()
     s, g = job.settings, job.geometry
@@ -76,9 +116,9 @@ def prepare_batch(images: torch.Tensor, labels: torch.Tensor, job: TrainJob, gen
         x = random_crop_flip(x, pad=4, generator=generator)  # plain images may use spatial augmentation
     if s.mixup_alpha > 0 or s.cutmix_prob > 0:
         if g.block_size and torch.rand(1, generator=generator).item() < s.cutmix_prob:
-            x, targets = block_cutmix(x, targets, g.block_size, generator)
+            x, targets = block_cutmix(x, targets, g.block_size, partners(groups, generator), generator)
         elif s.mixup_alpha > 0:
-            x, targets = mixup(x, targets, s.mixup_alpha, generator)
+            x, targets = mixup(x, targets, s.mixup_alpha, partners(groups, generator), generator)
     return x.contiguous(memory_format=torch.channels_last), targets
 
 
@@ -86,10 +126,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, job: TrainJob, device, 
     model.train()
     smoothing = job.settings.label_smoothing
     total, correct, loss_sum, started = 0, 0, 0.0, time.perf_counter()
-    for images, labels, _ in loader:
-        x, targets = prepare_batch(images, labels, job, generator, device)
+    for images, labels, groups in loader:
+        x, targets = prepare_batch(images, labels, groups, job, generator, device)
         with autocast_for(job.settings, device):
-            logits = model(x)
+            logits = run_model(model, x, groups.to(device))
             loss = torch.nn.functional.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -104,33 +144,56 @@ def train_one_epoch(model, loader, optimizer, scheduler, job: TrainJob, device, 
 
 
 @torch.no_grad()
-def predict_logits(model, images: torch.Tensor, settings: TrainingConfig, device) -> torch.Tensor:
+def predict_logits(model, images: torch.Tensor, settings: TrainingConfig, device,
+                   key_index: torch.Tensor | None = None) -> torch.Tensor:
     model.eval()
     x = normalise(images.to(device)).contiguous(memory_format=torch.channels_last)
     with autocast_for(settings, device):
-        return model(x).float()
+        return run_model(model, x, None if key_index is None else key_index.to(device)).float()
 
 
 def evaluate(model, dataset: EncodedImages, groups: list[str], settings: TrainingConfig, device,
-             batch_size: int = 256) -> dict:
-    """Overall accuracy and accuracy per group (key id or owner) of ``dataset``."""
+             batch_size: int = 256, route: dict[str, str] | None = None) -> dict:
+    """Overall accuracy and accuracy per group (key id or owner) of ``dataset``.
+
+    A keyed model answers a group through the adapter of the same key id (or of ``route[group]``,
+    e.g. to measure a wrong key presented under a stolen key id); groups it has no adapter for are
+    refused: ``acc`` None, ``refused`` True.
+    """
+    net = unwrap(model)
+    keyed = isinstance(net, KeyedModel)
+    route = route or {}
+    adapter_of = torch.tensor([net.key_ids.index(route.get(g, g)) if keyed and route.get(g, g) in net.key_ids else -1
+                               for g in groups])
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     hits = torch.zeros(len(groups))
     counts = torch.zeros(len(groups))
     for images, labels, group in loader:
-        pred = predict_logits(model, images, settings, device).argmax(1).cpu()
-        hits.index_add_(0, group, (pred == labels).float())
+        key_index = adapter_of[group]
+        answered = key_index >= 0 if keyed else torch.ones(len(labels), dtype=torch.bool)
         counts.index_add_(0, group, torch.ones(len(labels)))
-    return {"test_acc": float(hits.sum() / counts.sum().clamp(min=1)),
-            "per_group": {g: {"acc": float(hits[i] / counts[i]), "images": int(counts[i])}
-                          for i, g in enumerate(groups) if counts[i] > 0}}
+        if not bool(answered.any()):
+            continue
+        pred = predict_logits(model, images[answered], settings, device, key_index[answered] if keyed else None)
+        hits.index_add_(0, group[answered], (pred.argmax(1).cpu() == labels[answered]).float())
+    per_group = {}
+    for i, g in enumerate(groups):
+        if counts[i] > 0:
+            refused = keyed and int(adapter_of[i]) < 0
+            per_group[g] = {"acc": None if refused else float(hits[i] / counts[i]), "images": int(counts[i]),
+                            "refused": refused}
+    answered_groups = [v for v in per_group.values() if not v["refused"]]
+    return {"test_acc": (sum(v["acc"] * v["images"] for v in answered_groups) /
+                         max(1, sum(v["images"] for v in answered_groups))) if answered_groups else None,
+            "per_group": per_group}
 
 
 def seen_and_unseen_accuracy(per_group: dict, trained_groups: list[str]) -> dict:
-    """test_acc over the keys the model trains on; test_acc_unseen_keys over the others, if any."""
+    """test_acc over the keys the model trains on; test_acc_unseen_keys over the others, if any
+    (keys a keyed model refuses are left out)."""
     out = {}
     for name, keep in (("test_acc", True), ("test_acc_unseen_keys", False)):
-        rows = [v for g, v in per_group.items() if (g in trained_groups) == keep]
+        rows = [v for g, v in per_group.items() if (g in trained_groups) == keep and v["acc"] is not None]
         if rows:
             out[name] = sum(v["acc"] * v["images"] for v in rows) / sum(v["images"] for v in rows)
     return out
@@ -138,7 +201,7 @@ def seen_and_unseen_accuracy(per_group: dict, trained_groups: list[str]) -> dict
 
 def checkpoint_payload(model, optimizer, scheduler, epoch: int, job: TrainJob, metrics: dict) -> dict:
     """Self-describing: a checkpoint alone says how to rebuild and use the model (no secrets)."""
-    unwrapped = model.module if hasattr(model, "module") else model
+    unwrapped = unwrap(model)
     return {
         "format": CHECKPOINT_FORMAT, "version": 1,
         "model": job.settings.model, "classes": list(job.classes), "geometry": dataclasses.asdict(job.geometry),
@@ -158,8 +221,8 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def model_from_checkpoint(payload: dict) -> torch.nn.Module:
-    g = Geometry(**payload["geometry"])
-    model = build_model(payload["model"], len(payload["classes"]), g.shape, g.in_chans, g.block_size)
+    model = build_network(payload["strategy"], payload["model"], len(payload["classes"]),
+                          Geometry(**payload["geometry"]), payload["key_ids"])
     model.load_state_dict(payload["state_dict"])
     return model.to(memory_format=torch.channels_last).eval()
 
@@ -183,18 +246,19 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     model = make_model(job).to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)  # Ray: DDP across workers, device placement
+    # Ray: DDP across workers, device placement (a batch may lack some keys: their adapters get no grad)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={
+        "find_unused_parameters": isinstance(model, KeyedModel)})
     train_set = EncodedImages(list(job.train), job.groups)
     loader = torch.utils.data.DataLoader(train_set, batch_size=s.batch_size, shuffle=True, drop_last=True)
     loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)  # Ray: a shard per worker
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=s.lr, total_steps=s.epochs * len(loader))
+    optimizer, scheduler = make_optimizer(model, s, s.epochs * len(loader))
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()  # Ray: set when resuming after a failure or a rerun
     if checkpoint:
         with checkpoint.as_directory() as folder:
             payload = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
-        (model.module if hasattr(model, "module") else model).load_state_dict(payload["state_dict"])
+        unwrap(model).load_state_dict(payload["state_dict"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         start_epoch = payload["epoch"] + 1
@@ -210,8 +274,7 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as folder:
             report_checkpoint = None
             if rank == 0:
-                unwrapped = model.module if hasattr(model, "module") else model
-                per_group = evaluate(unwrapped, test_set, test_groups, s, device)["per_group"]
+                per_group = evaluate(unwrap(model), test_set, test_groups, s, device)["per_group"]
                 metrics.update(seen_and_unseen_accuracy(per_group, job.groups),
                                **{f"test_acc/{g}": v["acc"] for g, v in per_group.items()})
                 torch.save(checkpoint_payload(model, optimizer, scheduler, epoch, job, metrics),

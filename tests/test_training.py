@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from orchestrator.config import TrainingConfig
-from orchestrator.data import EncodedImages, Geometry, ShardRef, block_cutmix, mixup, random_crop_flip
+from orchestrator.data import EncodedImages, Geometry, ShardRef, block_cutmix, mixup, partners, random_crop_flip
 from orchestrator.training import (CHECKPOINT_FILE, TrainJob, checkpoint_payload, evaluate, load_checkpoint,
                                    model_from_checkpoint, train_one_epoch)
 from owners.keys import OwnerKey
@@ -33,7 +33,7 @@ def test_block_cutmix_moves_whole_blocks_only():
     targets = torch.eye(4)
     replaced_any = False
     for _ in range(20):
-        out, mixed = block_cutmix(x, targets, 16, g)
+        out, mixed = block_cutmix(x, targets, 16, torch.randperm(4, generator=g), g)
         changed = (out != x).float().reshape(4, 4, 16, 4, 16).mean(dim=(2, 4))  # per image, per block
         assert set(changed.unique().tolist()) <= {0.0, 1.0}  # a block is replaced whole or not at all
         replaced_any |= bool(changed.any())
@@ -45,10 +45,19 @@ def test_mixup_and_crop_keep_shapes_and_label_mass():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(8, 3, 32, 32)
     y = torch.eye(8)[:, :8]
-    mixed, ty = mixup(x, y, 0.4, g)
+    mixed, ty = mixup(x, y, 0.4, torch.randperm(8, generator=g), g)
     assert mixed.shape == x.shape and torch.allclose(ty.sum(1), torch.ones(8))
     cropped = random_crop_flip(x, 4, g)
     assert cropped.shape == x.shape and not torch.equal(cropped, x)
+
+
+def test_mixing_partners_share_the_key():
+    g = torch.Generator().manual_seed(0)
+    groups = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2, 1, 0])
+    for _ in range(10):
+        perm = partners(groups, g)
+        assert sorted(perm.tolist()) == list(range(10))  # a permutation
+        assert torch.equal(groups[perm], groups)  # every partner has the same key
 
 
 def test_one_epoch_learns_and_checkpoint_describes_itself_without_secrets(job, tmp_path):

@@ -1,0 +1,138 @@
+"""Key adapters: they can undo a key exactly, route by key id, refuse unknown keys, train, and
+their weights reveal the owners' relative schedules (what the leakage measurement reports)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.leakage import relative_recovery
+from models.keyed import BlockAdapter, KeyedModel, UnknownKeyError, decode_adapter, parameter_counts
+from orchestrator.config import TrainingConfig
+from orchestrator.data import EncodedImages, Geometry, ShardRef
+from orchestrator.serve import Predictor, QueryError
+from orchestrator.training import (CHECKPOINT_FILE, TrainJob, checkpoint_payload, evaluate, load_checkpoint,
+                                   make_model, make_optimizer, model_from_checkpoint, train_one_epoch)
+from owners.adapters import inverse_setting
+from owners.cipher import Geometry as CipherGeometry
+from owners.cipher import derive_schedule, encrypt_reference
+from owners.keys import OwnerKey
+from owners.prepare import EncryptSettings, encrypt_folder
+from owners.shards import Manifest
+
+SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cifar10-sample" / "test"
+SECRETS = [b"CANARY-keyed-A-0123456789abcdef!", b"CANARY-keyed-B-0123456789abcdef!"]
+
+
+def normalised(plane: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(plane.transpose(2, 0, 1).astype(np.float32))[None] / 127.5 - 1
+
+
+@pytest.mark.parametrize("rows, cols, channels, block, scheme", [(32, 32, 3, 16, "color"), (64, 48, 3, 16, "color"),
+                                                                 (32, 96, 1, 8, "gray")])
+def test_adapter_can_be_the_exact_inverse_of_a_key(rows, cols, channels, block, scheme):
+    plane = np.random.default_rng(1).integers(0, 256, (rows, cols, channels), dtype=np.uint8)
+    geometry = CipherGeometry(rows, cols if scheme == "color" else cols // 3, block, scheme)
+    schedule = derive_schedule(SECRETS[0], geometry)
+    encrypted = encrypt_reference(plane, schedule, block)
+    adapter = BlockAdapter(channels, (rows, cols), block)
+    assert not torch.allclose(adapter(normalised(encrypted)), normalised(plane), atol=1e-3)
+    adapter.set_exact(*inverse_setting(schedule, channels))
+    assert torch.allclose(adapter(normalised(encrypted)), normalised(plane), atol=1e-5)
+
+
+def test_keyed_model_routes_each_image_through_its_keys_adapter_and_refuses_others():
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5))
+    model = KeyedModel(trunk, ["ka", "kb"], lambda: BlockAdapter(3, (32, 32), 16))
+    with torch.no_grad():
+        model.adapters[1].colour.mul_(-1)  # make the two adapters differ
+    x = torch.randn(6, 3, 32, 32)
+    keys = torch.tensor([0, 1, 1, 0, 1, 0])
+    out = model(x, keys)
+    for i, k in enumerate(keys.tolist()):
+        assert torch.allclose(out[i], trunk(model.adapters[k](x[i:i + 1]))[0], atol=1e-5)
+    assert not torch.allclose(out[0], model(x[:1], torch.tensor([1]))[0])
+    with pytest.raises(UnknownKeyError, match="no adapter"):
+        model(x, torch.tensor([0, 1, 2, 0, 1, 0]))
+    with pytest.raises(UnknownKeyError, match="kc"):
+        model.key_index("kc")
+    counts = parameter_counts(model)
+    assert counts["per_key"] == 4 * 4 + 4 * 8 + 4 * (9 + 3) and counts["total"] == counts["shared"] + 2 * counts["per_key"]
+
+
+def test_leakage_measure_sees_exact_adapters_and_not_fresh_ones():
+    geometry = CipherGeometry(64, 64, 16, "color")
+    schedules = [derive_schedule(bytes([i]) * 32, geometry) for i in range(3)]
+    exact = []
+    for s in schedules:
+        adapter = BlockAdapter(3, (64, 64), 16)
+        adapter.set_exact(*inverse_setting(s, 3))
+        assert sorted(decode_adapter(adapter)["place"].tolist()) == list(range(16))
+        exact.append(adapter)
+    assert relative_recovery(exact, schedules) == {"blocks": 16, "chance_order": 1 / 16, "relative_order": 1.0,
+                                                   "relative_full": 1.0, "absolute_full": 1.0}
+    fresh = relative_recovery([BlockAdapter(3, (64, 64), 16) for _ in schedules], schedules)
+    assert fresh["relative_order"] < 0.5 and fresh["relative_full"] < 0.5 and fresh["absolute_full"] < 0.5
+
+
+@pytest.fixture(scope="module")
+def keyed_job(tmp_path_factory):
+    refs = ()
+    for i, secret in enumerate(SECRETS):  # two owners, one key each, the same images
+        out = tmp_path_factory.mktemp(f"owner{i}") / "outbox"
+        encrypt_folder(SAMPLE, out, OwnerKey(f"k{i}", secret), EncryptSettings(split="train", shard_images=100),
+                       progress=False)
+        m = Manifest.load(out)
+        refs += tuple(ShardRef(str(out / s.name), f"owner{i}", m.key_id, "train", s.count) for s in m.shards)
+    settings = TrainingConfig(model="convmixer_256_8_p4_k9", epochs=2, batch_size=32, strategy="key-adapters",
+                              lr=3e-3, mixup_alpha=0.2, cutmix_prob=0.5)
+    return TrainJob("keyed", tuple(m.classes), Geometry(32, 16, "color"), refs, refs, settings,
+                    str(tmp_path_factory.mktemp("logs")), "test")
+
+
+def test_key_adapters_train_checkpoint_and_serve_only_known_keys(keyed_job, tmp_path):
+    torch.manual_seed(0)
+    job = keyed_job
+    model = make_model(job)
+    assert isinstance(model, KeyedModel) and model.key_ids == job.groups and len(job.groups) == 2
+    data = EncodedImages(list(job.train), job.groups)
+    loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, drop_last=True)
+    optimizer, scheduler = make_optimizer(model, job.settings, 2 * len(loader))
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(optimizer.param_groups[0]["lr"] * 10)
+    before = [a.placement.detach().clone() for a in model.adapters]
+    losses = [train_one_epoch(model, loader, optimizer, scheduler, job, torch.device("cpu"),
+                              torch.Generator().manual_seed(0))["train_loss"] for _ in range(2)]
+    assert losses[1] < losses[0]
+    assert all(not torch.equal(b, a.placement) for b, a in zip(before, model.adapters))  # adapters learn
+    # an unknown key's test images are refused, not answered with noise
+    other = tmp_path / "other"
+    encrypt_folder(SAMPLE, other, OwnerKey("x", b"another key, never trained on..."),
+                   EncryptSettings(split="test", shard_images=100), progress=False)
+    m = Manifest.load(other)
+    unknown = [ShardRef(str(other / s.name), "stranger", m.key_id, "test", s.count) for s in m.shards]
+    groups = [*job.groups, m.key_id]
+    result = evaluate(model, EncodedImages(list(job.train) + unknown, groups), groups, job.settings,
+                      torch.device("cpu"))
+    assert result["per_group"][m.key_id] == {"acc": None, "images": 200, "refused": True}
+    assert all(result["per_group"][g]["acc"] is not None for g in job.groups)
+    stolen = evaluate(model, EncodedImages(unknown, [m.key_id]), [m.key_id], job.settings, torch.device("cpu"),
+                      route={m.key_id: job.groups[0]})
+    assert stolen["per_group"][m.key_id]["acc"] is not None
+    # the checkpoint rebuilds the keyed model, holds no secret, and the predictor routes by key id
+    torch.save(checkpoint_payload(model, optimizer, scheduler, 1, job, {}), tmp_path / CHECKPOINT_FILE)
+    blob = (tmp_path / CHECKPOINT_FILE).read_bytes()
+    assert not any(s in blob or s.hex().encode() in blob for s in SECRETS)
+    restored = model_from_checkpoint(load_checkpoint(tmp_path / CHECKPOINT_FILE))
+    assert isinstance(restored, KeyedModel) and restored.key_ids == job.groups
+    trained = evaluate(model, data, job.groups, job.settings, torch.device("cpu"))["test_acc"]
+    assert evaluate(restored, data, job.groups, job.settings, torch.device("cpu"))["test_acc"] == pytest.approx(trained)
+    predictor = Predictor(tmp_path / CHECKPOINT_FILE)
+    encoded = data.encoded[:4]
+    probs = {k: predictor.predict(encoded, k) for k in job.groups}
+    assert all(p.shape == (4, len(job.classes)) for p in probs.values())
+    assert not np.allclose(probs[job.groups[0]], probs[job.groups[1]])  # different adapters answer
+    with pytest.raises(QueryError, match="not trained on key id"):
+        predictor.predict(encoded, m.key_id)
+    with pytest.raises(QueryError, match="not trained on key id"):
+        predictor.predict(encoded, None)
