@@ -64,6 +64,7 @@ class ExperimentConfig:
     batch_size: int = 64
     lr: float = 0.01
     adapter_lr_scale: float = 10.0  # key-adapters: the adapters' lr relative to lr
+    only_cells: tuple[str, ...] = ()  # e.g. ["k8-dirichlet"]: run just these K/partition cells (empty: all)
     seed: int = 0
     out: Path = ROOT / "results" / "multikey"
 
@@ -189,11 +190,14 @@ def main() -> None:
         for k in cfg.owners:
             for partition in (cfg.partitions if k > 1 else cfg.partitions[:1]):
                 shares = split_owners(train_files, k, partition, cfg.dirichlet_alpha, rng)
+                if cfg.only_cells and f"k{k}-{partition}" not in cfg.only_cells:
+                    continue  # the split was still drawn: other cells keep the same owners' data
                 for strategy in cfg.strategies:
                     if k == 1 and strategy == "pooled":
                         continue  # one owner: pooled is shared-key
                     results.append(run_cell(cfg, k, partition, strategy, shares, test_dir, classes, work))
                     r = results[-1]
+                    r.update(code_version=code_version(), config=_jsonable(cfg))
                     print(f"K={k} {partition} {strategy}: {r['accuracy']:.1%} "
                           f"(wrong key {r['wrong_key_accuracy'] if r['wrong_key_accuracy'] is None else format(r['wrong_key_accuracy'], '.1%')}), "
                           f"{r['minutes']:.1f} min", flush=True)
@@ -204,8 +208,15 @@ def main() -> None:
 
 
 def write_outputs(cfg: ExperimentConfig, results: list[dict]) -> None:
+    """results.json accumulates: cells of earlier runs into the same ``out`` stay unless rerun."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    cell = lambda r: (r["k"], r["partition"], r["strategy"])  # noqa: E731
+    earlier = json.loads((out / "results.json").read_text())["results"] if (out / "results.json").exists() else []
+    rerun = {cell(r) for r in results}
+    order = {s: i for i, s in enumerate(STRATEGIES)}
+    results = sorted([r for r in earlier if cell(r) not in rerun] + results,
+                     key=lambda r: (r["k"], r["partition"] != "iid", order.get(r["strategy"], 99)))
     lines = ["| K | partition | strategy | mean owner accuracy | wrong-key accuracy | key leakage to the cloud | "
              "parameters (shared + per key) | minutes |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -217,13 +228,17 @@ def write_outputs(cfg: ExperimentConfig, results: list[dict]) -> None:
         lines.append(f"| {r['k']} | {r['partition']} | {r['strategy']} | {r['accuracy']:.1%} | {wrong} | {leak} | "
                      f"{params['shared']:,} + {params['per_key']:,} | {r['minutes']:.1f} |")
     table = "\n".join(lines)
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
+    config = _jsonable(cfg)
     (out / "results.md").write_text(f"# Multi-key experiment\n\n{table}\n\nconfig: `{json.dumps(config)}`\n")
     (out / "results.json").write_text(json.dumps({"config": config, "machine": machine_facts(), "results": results},
                                                  indent=1) + "\n")
     _plot(out / "results.png", results)
     print(table)
     print(f"wrote {out / 'results.md'}, results.json, results.png")
+
+
+def _jsonable(cfg: ExperimentConfig) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
 def leakage_cell(r: dict) -> str:
