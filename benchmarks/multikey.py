@@ -11,7 +11,9 @@ table, a plot and a JSON record (config, code version, every number) to ``out``.
 
 Strategies measured: plain (no encryption), shared-key (all owners, one key), pooled (a key per
 owner, one model, no key information), key-adapters (a key per owner, a per-key BlockAdapter in
-front of a shared trunk, all trained in the cloud).
+front of a shared trunk, all trained in the cloud), federated (Flower simulation on Ray: each owner
+trains its private adapter and the shared trunk on its own data, FedAvg over the trunk; rounds x
+local epochs = epochs).
 
 Wrong key: the test images under a key no owner has. A keyed model refuses that key id, so it is
 also measured the way an attacker would try: presented under owner0's key id. Key leakage: for
@@ -47,7 +49,7 @@ from owners.keys import OwnerKey
 from owners.prepare import EncryptSettings, encrypt_folder
 from owners.shards import Manifest
 
-STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters")
+STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters", "federated")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ class ExperimentConfig:
     batch_size: int = 64
     lr: float = 0.01
     adapter_lr_scale: float = 10.0  # key-adapters: the adapters' lr relative to lr
+    federated_adapter_init: str = "key"  # key: owners start their adapter at their key's inverse | learned
+    local_epochs: int = 1  # federated: epochs per round
     only_cells: tuple[str, ...] = ()  # e.g. ["k8-dirichlet"]: run just these K/partition cells (empty: all)
     seed: int = 0
     out: Path = ROOT / "results" / "multikey"
@@ -128,6 +132,8 @@ def run_cell(cfg: ExperimentConfig, k: int, partition: str, strategy: str, share
     job = TrainJob(tag, classes, Geometry(32, None if strategy == "plain" else 16,
                                           "plain" if strategy == "plain" else "color"),
                    train, test, settings, str(work / tag / "logs"), code_version())
+    if strategy == "federated":
+        return federated_cell(cfg, k, partition, job, keys, work / tag)
     started = time.perf_counter()
     checkpoint = run_training(job, work / "ray")
     minutes = (time.perf_counter() - started) / 60
@@ -146,6 +152,47 @@ def run_cell(cfg: ExperimentConfig, k: int, partition: str, strategy: str, share
         result["wrong_key_accuracy"] = stolen_key_id_accuracy(model, job, test)
         result["leakage"] = adapter_leakage(model, cfg, keys)
     return result
+
+
+def federated_cell(cfg: ExperimentConfig, k: int, partition: str, job: TrainJob, keys: dict, folder: Path) -> dict:
+    """Flower simulation on Ray; then each owner's accuracy with its own adapter and the final trunk."""
+    import ray
+    import torch
+
+    from orchestrator.federate import simulate
+    from orchestrator.fedtask import FederatedPlan, owner_model
+    from owners.fl_client import OwnerSite, make_client_app
+
+    owners = sorted({r.owner for r in job.train})
+    plan = FederatedPlan(job.classes, job.geometry, job.settings, cfg.epochs // cfg.local_epochs, cfg.local_epochs)
+    sites = {i: OwnerSite(folder / owner / "train", folder / owner / "test", keys[owner], folder / owner / "state",
+                          cfg.federated_adapter_init) for i, owner in enumerate(owners)}
+    ray.shutdown()  # Flower's simulation starts (and at the end stops) Ray itself
+    started = time.perf_counter()
+    checkpoint = simulate(plan, make_client_app(sites), len(owners), len(owners), folder / "server")
+    minutes = (time.perf_counter() - started) / 60
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    trunk = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    accuracy, models = {}, {}
+    for owner in owners:
+        adapter = torch.load(folder / owner / "state" / f"adapter-{keys[owner].key_id}.pt", weights_only=False)
+        models[owner] = owner_model(trunk, adapter)
+        shards = [r for r in job.test if r.owner == owner]
+        accuracy[owner] = evaluate(models[owner], EncodedImages(shards, [adapter["key_id"]]), [adapter["key_id"]],
+                                   job.settings, torch.device("cpu"))["test_acc"]
+    wrong = [r for r in job.test if r.owner == "wrong-key"]
+    victim = keys[owners[0]].key_id
+    wrong_acc = evaluate(models[owners[0]], EncodedImages(wrong, [wrong[0].key_id]), [wrong[0].key_id], job.settings,
+                         torch.device("cpu"), route={wrong[0].key_id: victim})["test_acc"]
+    counts = parameter_counts(models[owners[0]])
+    return {"k": k, "partition": partition, "strategy": "federated", "minutes": minutes,
+            "accuracy": float(np.mean(list(accuracy.values()))), "per_owner": accuracy,
+            "wrong_key_accuracy": wrong_acc, "wrong_key_refused": True,
+            "train_images": sum(r.images for r in job.train),
+            "parameters": {"total": counts["shared"] + len(owners) * counts["per_key"], "shared": counts["shared"],
+                           "per_key": counts["per_key"]},
+            "leakage": None, "adapter_init": cfg.federated_adapter_init,
+            "rounds": trunk["rounds"]}
 
 
 def stolen_key_id_accuracy(model: KeyedModel, job: TrainJob, test) -> float:
@@ -244,6 +291,8 @@ def _jsonable(cfg: ExperimentConfig) -> dict:
 def leakage_cell(r: dict) -> str:
     if r["strategy"] == "plain":
         return "-"
+    if r["strategy"] == "federated":
+        return f"none: adapters (init: {r.get('adapter_init')}) stay with the owners; the cloud holds the trunk"
     if r["leakage"] is None:
         return "none: no per-key weights"
     lk = r["leakage"]

@@ -48,6 +48,27 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_federate(args: argparse.Namespace) -> int:
+    from orchestrator.federate import run_federation
+    from orchestrator.ingest import start_ingest
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    cfg = load_config(args.config)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    service = start_ingest(cfg)  # owners fetch the task (and authenticate) here
+    try:
+        work = service.store.root / "federated" / cfg.name
+        print(f"task service on port {service.port}; Flower server on {cfg.federated.listen}; work folder {work}",
+              file=sys.stderr, flush=True)
+        checkpoint = run_federation(cfg, work, stop, log=lambda m: print(m, file=sys.stderr, flush=True))
+    finally:
+        service.stop(grace=5)
+    print(json.dumps({"trunk_checkpoint": str(checkpoint), "metrics": str(checkpoint.parent / "metrics.jsonl")}))
+    return 0
+
+
 def cmd_hash_token(args: argparse.Namespace) -> int:
     token = sys.stdin.readline().strip()
     if not token:
@@ -70,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--once", action="store_true", help="exit after the report instead of serving predictions")
     p.set_defaults(func=cmd_launch)
+    p = sub.add_parser("federate", help="federated training with Flower: owners train at home, FedAvg on the trunk")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_federate)
     p = sub.add_parser("hash-token", help="read an owner token on stdin, print the token_sha256 for cluster.yaml")
     p.set_defaults(func=cmd_hash_token)
     return parser
@@ -79,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, TimeoutError) as exc:
+    except (ConfigError, TimeoutError, RuntimeError) as exc:
         print(f"orchestrator {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -102,6 +102,17 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class FederatedConfig:
+    """training.strategy federated: owners train at home; the server only averages the trunk."""
+
+    listen: str = "127.0.0.1:9092"  # the Flower SuperLink (owners' SuperNodes connect here)
+    local_epochs: int = 1  # epochs per round at each owner; rounds = training.epochs / local_epochs
+    min_owners: int = 2  # a round waits for this many connected owners (and goes on with them)
+    round_timeout_s: float = 1800.0  # give up on replies after this long per phase (a dead owner
+    # is noticed by Flower's heartbeat within about a minute anyway)
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     name: str  # run name: Ray Train run name and store sub-folder
     task: TaskConfig
@@ -109,6 +120,7 @@ class ClusterConfig:
     ingest: IngestConfig = IngestConfig()
     training: TrainingConfig = TrainingConfig()
     serve: ServeConfig = ServeConfig()
+    federated: FederatedConfig = FederatedConfig()
     source: Path | None = field(default=None, compare=False)  # the file it came from
 
 
@@ -242,6 +254,13 @@ def _validate(cfg: ClusterConfig) -> None:
         raise ConfigError(f"training.strategy: {tr.strategy!r} needs encrypted data (task.scheme color or gray)")
     if not 0 <= tr.cutmix_prob <= 1 or tr.mixup_alpha < 0:
         raise ConfigError("training.cutmix_prob must be in [0, 1] and training.mixup_alpha >= 0")
+    fed = cfg.federated
+    _check_listen(fed.listen, "federated.listen")
+    if fed.local_epochs < 1 or fed.min_owners < 1 or fed.round_timeout_s <= 0:
+        raise ConfigError("federated.local_epochs and federated.min_owners must be >= 1, round_timeout_s > 0")
+    if tr.strategy == "federated" and tr.epochs % fed.local_epochs:
+        raise ConfigError(f"federated.local_epochs ({fed.local_epochs}) must divide training.epochs ({tr.epochs}): "
+                          "rounds x local epochs is the budget")
     missing = [o for o in tr.start_when if o not in ids]
     if missing:
         raise ConfigError(f"training.start_when: {', '.join(missing)} not in ingest.owners")

@@ -221,6 +221,10 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def model_from_checkpoint(payload: dict) -> torch.nn.Module:
+    if payload["strategy"] == "federated":
+        raise UnknownKeyError("a federated checkpoint holds the shared trunk only: the key-specific adapters stay "
+                              "with their owners, so only an owner can predict with it (orchestrator.fedtask."
+                              "owner_model)")
     model = build_network(payload["strategy"], payload["model"], len(payload["classes"]),
                           Geometry(**payload["geometry"]), payload["key_ids"])
     model.load_state_dict(payload["state_dict"])

@@ -108,6 +108,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_federate(args: argparse.Namespace) -> int:
+    from owners.federate import prepare_federation, run_supernode
+
+    key = _key(args.key, create=False)
+    conn = Connection(server=args.server, token=read_token(args.token_file),
+                      ca_file=Path(args.ca_file) if args.ca_file else None,
+                      client_cert=Path(args.client_cert) if args.client_cert else None,
+                      client_key=Path(args.client_key) if args.client_key else None, insecure=args.insecure)
+    host = args.flower.rpartition(":")[0].strip("[]")
+    if args.insecure and host not in ("127.0.0.1", "localhost", "::1"):
+        raise SystemExit("owner-agent federate: --insecure is only allowed towards a loopback address")
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    config = prepare_federation(args.key, key, Path(args.data), Path(args.test_data) if args.test_data else None,
+                                conn, args.adapter_init, False if args.no_progress else None, log)
+    return run_supernode(args.flower, config, Path(args.ca_file) if args.ca_file else None, args.insecure, log)
+
+
 def cmd_decrypt(args: argparse.Namespace) -> int:
     key = _key(args.key, create=False) if args.key else None
     n = decrypt_folder(Path(args.shards), Path(args.out), key)
@@ -217,6 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC; only to a loopback address")
     p.add_argument("images", nargs="+", help="image files")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("federate", help="join a federated training: your data and your adapter stay here")
+    p.add_argument("--key", required=True, help="key name or key file (never created here)")
+    p.add_argument("--data", required=True, help="training images, DIR/<class>/<image>")
+    p.add_argument("--test-data", help="test images evaluated each round (optional)")
+    p.add_argument("--server", required=True, help="ingest service HOST:PORT (for the task and your token)")
+    p.add_argument("--token-file", help="file holding your token (mode 0600); or set $OWNER_AGENT_TOKEN")
+    p.add_argument("--flower", required=True, help="the orchestrator's Flower server HOST:PORT (federated.listen)")
+    p.add_argument("--adapter-init", choices=("key", "learned"), default="key",
+                   help="start your private adapter at your key's exact inverse (default) or learn it")
+    p.add_argument("--ca-file")
+    p.add_argument("--client-cert")
+    p.add_argument("--client-key")
+    p.add_argument("--insecure", action="store_true", help="plaintext; only to a loopback address")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_federate)
 
     p = sub.add_parser("decrypt", help="decrypt shards back into DIR/<class>/<id>.png")
     p.add_argument("--key", help=key_help + " (omit for --plain shards)")

@@ -1,0 +1,153 @@
+"""``orchestrator federate cluster.yaml``: the federated mode with Flower (SuperLink + ServerApp).
+
+Owners keep their data and their key-specific adapter; the orchestrator runs a Flower SuperLink,
+submits the federation (a Flower App whose components are the installed
+``orchestrator.fl_server:app`` and ``owners.fl_client:app``), and waits for it. The ingest
+service runs alongside so that owners fetch the task (image size, block size, scheme) with their
+token, exactly as for uploads. Experiments run the same ServerApp/ClientApp in Flower's
+simulation on Ray (:func:`simulate`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from orchestrator.config import ClusterConfig, ConfigError
+from orchestrator.data import Geometry
+from orchestrator.fedtask import FederatedPlan
+
+BIN = Path(sys.executable).parent  # flower-superlink / flwr live beside this interpreter
+FEDERATION = "etc"
+
+
+def plan_for(cfg: ClusterConfig) -> FederatedPlan:
+    t, s, f = cfg.task, cfg.training, cfg.federated
+    if s.strategy != "federated":
+        raise ConfigError(f"training.strategy is {s.strategy!r}: `orchestrator federate` needs 'federated'")
+    return FederatedPlan(tuple(t.classes), Geometry(t.image_size, t.block_size, t.scheme), s,
+                         s.epochs // f.local_epochs, f.local_epochs)
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(home),
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
+
+
+def write_app(folder: Path) -> Path:
+    """A Flower App holding no code: its components are modules installed with this package, so
+    an owner's SuperNode runs the owner's own installed client, not code shipped by the server."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        '[project]\nname = "etc-federated"\nversion = "1.0.0"\ndescription = "EtC federated training"\n'
+        'license = "Apache-2.0"\ndependencies = []\n\n'
+        '[tool.flwr.app]\npublisher = "etc-orchestrator"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "orchestrator.fl_server:app"\nclientapp = "owners.fl_client:app"\n\n'
+        '[tool.flwr.app.config]\ncluster-config = ""\nout-dir = ""\n')
+    return folder
+
+
+class SuperLink:
+    """flower-superlink in its own process group (it starts helper processes of its own)."""
+
+    def __init__(self, listen: str, home: Path, log_file: Path, tls=None) -> None:
+        host, _, port = listen.rpartition(":")
+        home.mkdir(parents=True, exist_ok=True)
+        security = ["--insecure"] if tls is None else [
+            "--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
+        insecure = "true" if tls is None else "false"
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
+                                          f'address = "{listen}"\ninsecure = {insecure}\n'
+                                          + ("" if tls is None else f'root-certificates = "{tls.ca}"\n'))
+        self.env = flower_env(home)
+        self.log = open(log_file, "ab")  # noqa: SIM115 - open for the process's lifetime
+        self.process = subprocess.Popen([str(BIN / "flower-superlink"), *security, "--host", host, "--port", port],
+                                        env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    def flwr(self, *args: str, cwd: Path | None = None, timeout: float = 120) -> dict:
+        out = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=self.env, cwd=cwd,
+                             capture_output=True, text=True, timeout=timeout)
+        try:
+            return json.loads(out.stdout)
+        except json.JSONDecodeError:
+            raise RuntimeError(f"flwr {args[0]} failed: {(out.stdout + out.stderr).strip()[-500:]}") from None
+
+    def stop(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.process.pid, sig)
+                self.process.wait(10)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self.log.close()
+
+
+def run_federation(cfg: ClusterConfig, work: Path, stop: threading.Event, log=print, poll_s: float = 2.0) -> Path:
+    """Start the SuperLink, submit the federation, wait for it to finish; returns the trunk checkpoint."""
+    from orchestrator.fl_server import FINAL_CHECKPOINT
+
+    plan = plan_for(cfg)
+    work = Path(work)
+    out_dir = work / "result"
+    app_dir = write_app(work / "app")
+    link = SuperLink(cfg.federated.listen, work / "flower-home", work / "superlink.log", cfg.ingest.tls)
+    try:
+        run_config = f'cluster-config="{cfg.source}" out-dir="{out_dir}"'
+        submitted = None
+        deadline = time.monotonic() + 60
+        while submitted is None:  # the SuperLink takes a few seconds to listen
+            answer = link.flwr("run", str(app_dir), FEDERATION, "--run-config", run_config)
+            if answer.get("success") or "unavailable" not in str(answer.get("error-message", "")):
+                submitted = answer
+            elif time.monotonic() > deadline or link.process.poll() is not None:
+                raise RuntimeError(f"the Flower SuperLink on {cfg.federated.listen} did not start; see "
+                                   f"{work / 'superlink.log'}")
+            else:
+                time.sleep(1)
+        if not submitted.get("success"):
+            raise RuntimeError(f"flwr run refused the federation: {submitted}")
+        run_id = str(submitted["run-id"])
+        log(f"federation submitted (Flower run {run_id}): {plan.rounds} rounds x {plan.local_epochs} local "
+            f"epoch(s); owners connect their SuperNodes to {cfg.federated.listen}")
+        status = ""
+        while not status.startswith("finished"):
+            if stop.wait(poll_s):
+                link.flwr("stop", run_id, FEDERATION)
+                raise KeyboardInterrupt
+            status = link.flwr("ls", FEDERATION, "--run-id", run_id)["runs"][0]["status"]
+        server_log = subprocess.run([str(BIN / "flwr"), "log", run_id, FEDERATION, "--show"], env=link.env,
+                                    capture_output=True, text=True, timeout=120)
+        (work / "serverapp.log").write_text(server_log.stdout + server_log.stderr)
+        if status != "finished:completed" or not (out_dir / FINAL_CHECKPOINT).exists():
+            raise RuntimeError(f"federation ended {status}; ServerApp log: {work / 'serverapp.log'}")
+        return out_dir / FINAL_CHECKPOINT
+    finally:
+        link.stop()
+
+
+def simulate(plan: FederatedPlan, client_app, num_owners: int, min_owners: int, out_dir: Path,
+             round_timeout_s: float = 3600.0, cpus: int = 2) -> Path:
+    """The same ServerApp and ClientApp in Flower's simulation on Ray (Flower starts and stops Ray)."""
+    from flwr.simulation import run_simulation
+
+    from orchestrator.fl_server import FINAL_CHECKPOINT, make_server_app
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    run_simulation(server_app=make_server_app(plan, min_owners, round_timeout_s, Path(out_dir)),
+                   client_app=client_app, num_supernodes=num_owners, backend_name="ray",
+                   backend_config={"client_resources": {"num_cpus": max(1, cpus // min(num_owners, cpus)),
+                                                        "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": cpus, "include_dashboard": False,
+                                                 "log_to_driver": False}})
+    return Path(out_dir) / FINAL_CHECKPOINT

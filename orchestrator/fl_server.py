@@ -1,0 +1,83 @@
+"""The federated mode's server side (Flower ServerApp, Message API): FedAvg over the shared trunk.
+
+The server never holds a key-specific tensor: owners send back only ``trunk.*`` arrays
+(``orchestrator/fedtask.py``). Owners that fail or vanish mid-round are counted as failures by
+Flower and the round aggregates the replies that came; ``min_owners`` is the smallest federation
+a round waits for, and ``round_timeout_s`` bounds the wait for one phase.
+
+``app`` is what ``orchestrator federate`` deploys (it reads ``cluster-config`` from the run
+config); ``make_server_app`` builds the same thing for Flower's simulation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # a privacy product sends no telemetry
+
+from flwr.app import ArrayRecord, ConfigRecord, Context  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.serverapp.strategy import FedAvg  # noqa: E402
+
+from orchestrator.fedtask import FederatedPlan, trunk_network, trunk_state  # noqa: E402
+from orchestrator.training import CHECKPOINT_FORMAT, code_version  # noqa: E402
+
+FINAL_CHECKPOINT = "federated-trunk.pt"
+
+
+def run_federated(grid: Grid, plan: FederatedPlan, min_owners: int, round_timeout_s: float, out_dir: Path,
+                  log=print) -> Path:
+    """FedAvg for ``plan.rounds`` rounds; writes metrics.jsonl per round and the trunk checkpoint."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = ConfigRecord({"plan": plan.to_json()})
+    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_owners,
+                      min_evaluate_nodes=min_owners, min_available_nodes=min_owners)
+    started = time.time()
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(trunk_state(trunk_network(plan))),
+                            num_rounds=plan.rounds, timeout=round_timeout_s, train_config=config,
+                            evaluate_config=config)
+    rounds = []
+    for rnd in sorted(result.train_metrics_clientapp):
+        record = {"round": rnd, **{f"train/{k}": v for k, v in dict(result.train_metrics_clientapp[rnd]).items()}}
+        record.update({f"test/{k}": v for k, v in dict(result.evaluate_metrics_clientapp.get(rnd, {})).items()})
+        rounds.append(record)
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        for record in rounds:
+            f.write(json.dumps(record) + "\n")
+    path = out_dir / FINAL_CHECKPOINT
+    torch.save({"format": CHECKPOINT_FORMAT, "version": 1, "strategy": "federated", "model": plan.settings.model,
+                "classes": list(plan.classes), "geometry": json.loads(plan.to_json())["geometry"], "key_ids": [],
+                "code_version": code_version(), "rounds": rounds, "seconds": time.time() - started,
+                "training": json.loads(plan.to_json())["settings"],
+                "state_dict": result.arrays.to_torch_state_dict()}, path)
+    log(f"federated training done: {len(rounds)} rounds in {time.time() - started:.0f} s; trunk in {path}")
+    return path
+
+
+def make_server_app(plan: FederatedPlan, min_owners: int, round_timeout_s: float, out_dir: Path) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federated(grid, plan, min_owners, round_timeout_s, out_dir)
+
+    return app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Deployed by ``orchestrator federate``: everything comes from the cluster config."""
+    from orchestrator.config import load_config
+    from orchestrator.federate import plan_for
+
+    cfg = load_config(Path(str(context.run_config["cluster-config"])))
+    plan = plan_for(cfg)
+    f = cfg.federated
+    run_federated(grid, plan, f.min_owners, f.round_timeout_s, Path(str(context.run_config["out-dir"])))
