@@ -245,16 +245,17 @@ def main() -> None:
                     results.append(run_cell(cfg, k, partition, strategy, shares, test_dir, classes, work))
                     r = results[-1]
                     r.update(code_version=code_version(), config=_jsonable(cfg))
+                    write_outputs(cfg, [r], quiet=True)  # after every cell: an interrupted run keeps its cells
                     print(f"K={k} {partition} {strategy}: {r['accuracy']:.1%} "
                           f"(wrong key {r['wrong_key_accuracy'] if r['wrong_key_accuracy'] is None else format(r['wrong_key_accuracy'], '.1%')}), "
                           f"{r['minutes']:.1f} min", flush=True)
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-    write_outputs(cfg, results)
+    write_outputs(cfg, [])
 
 
-def write_outputs(cfg: ExperimentConfig, results: list[dict]) -> None:
+def write_outputs(cfg: ExperimentConfig, results: list[dict], quiet: bool = False) -> None:
     """results.json accumulates: cells of earlier runs into the same ``out`` stay unless rerun."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -280,6 +281,8 @@ def write_outputs(cfg: ExperimentConfig, results: list[dict]) -> None:
     (out / "results.json").write_text(json.dumps({"config": config, "machine": machine_facts(), "results": results},
                                                  indent=1) + "\n")
     _plot(out / "results.png", results)
+    if quiet:
+        return
     print(table)
     print(f"wrote {out / 'results.md'}, results.json, results.png")
 

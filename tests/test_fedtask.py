@@ -1,0 +1,76 @@
+"""The federated mode's pieces without processes: what is shared, what stays, and one simulated
+federation with Flower's simulation on a real local Ray."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.keyed import decode_adapter
+from orchestrator.config import TrainingConfig
+from orchestrator.data import Geometry
+from orchestrator.fedtask import (SHARED_PREFIX, FederatedPlan, load_states, owner_model, owner_network,
+                                  private_state, shared_state)
+from owners.cipher import Geometry as CipherGeometry
+from owners.cipher import derive_schedule
+from owners.keys import OwnerKey
+from owners.prepare import EncryptSettings, encrypt_folder
+
+SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cifar10-sample"
+PLAN = FederatedPlan(("a", "b", "c"), Geometry(32, 16, "color"),
+                     TrainingConfig(strategy="federated", epochs=2, batch_size=16, lr=0.003), rounds=2, local_epochs=1)
+
+
+def test_plan_travels_as_json():
+    assert FederatedPlan.from_json(PLAN.to_json()) == PLAN
+
+
+def test_only_the_trunk_is_shared_and_the_adapter_survives_a_round():
+    model = owner_network(PLAN, "key-1")
+    shared, private = shared_state(model), private_state(model)
+    assert shared and all(k.startswith(SHARED_PREFIX) for k in shared)
+    assert private and all(k.startswith("adapters.") for k in private)
+    assert set(shared) | set(private) == set(model.state_dict())
+    with torch.no_grad():
+        model.adapters[0].colour.mul_(-1)
+    mine = private_state(model)
+    other = owner_network(PLAN, "key-1")
+    server = {k: v + 1 for k, v in shared_state(other).items()}
+    load_states(model, server, mine)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in server.items())
+    assert torch.equal(model.adapters[0].colour, mine["adapters.0.colour"])
+    with pytest.raises(ValueError, match="lack"):
+        load_states(model, {k: v for k, v in server.items() if "stem" not in k}, mine)
+
+
+@pytest.mark.slow
+def test_simulated_federation_keeps_adapters_at_the_owners(tmp_path):
+    from orchestrator.federate import simulate
+    from owners.fl_client import OwnerSite, make_client_app
+
+    classes = ("airplane", "automobile")
+    plan = FederatedPlan(classes, Geometry(32, 16, "color"),
+                         TrainingConfig(strategy="federated", epochs=2, batch_size=16, lr=0.003), rounds=2,
+                         local_epochs=1)
+    data = tmp_path / "data"
+    for cls in classes:
+        (data / cls).mkdir(parents=True)
+        for f in sorted((SAMPLE / "test" / cls).iterdir()):
+            (data / cls / f.name).symlink_to(f)
+    sites = {}
+    for i in range(2):
+        key = OwnerKey(f"o{i}", bytes([i + 1]) * 32)
+        for split in ("train", "test"):
+            encrypt_folder(data, tmp_path / f"o{i}" / split, key,
+                           EncryptSettings(split=split, classes=classes), progress=False)
+        sites[i] = OwnerSite(tmp_path / f"o{i}" / "train", tmp_path / f"o{i}" / "test", key, tmp_path / f"o{i}" / "state")
+    checkpoint = simulate(plan, make_client_app(sites), 2, 2, tmp_path / "server")
+    payload = torch.load(checkpoint, weights_only=False)
+    assert [r["round"] for r in payload["rounds"]] == [1, 2]
+    assert all(k.startswith(SHARED_PREFIX) for k in payload["state_dict"])
+    for site in sites.values():
+        adapter = torch.load(site.state_dir / f"adapter-{site.key.key_id}.pt", weights_only=False)
+        model = owner_model(payload, adapter)
+        truth = derive_schedule(site.key.secret, CipherGeometry(32, 32, 16, "color"))
+        assert decode_adapter(model.adapters[0])["place"].tolist() == list(truth.source)  # started at the key's inverse
+        blob = (site.state_dir / f"adapter-{site.key.key_id}.pt").read_bytes() + checkpoint.read_bytes()
+        assert site.key.secret not in blob and site.key.secret.hex().encode() not in blob
