@@ -15,7 +15,7 @@ import itertools
 
 import numpy as np
 
-from models.keyed import BlockAdapter, decode_adapter
+from models.keyed import BlockAdapter, TokenAdapter, decode_adapter
 from owners.cipher import CHANNEL_ORDERS, BlockSchedule, transform_block
 
 
@@ -60,3 +60,28 @@ def relative_recovery(adapters: list[BlockAdapter], schedules: list[BlockSchedul
             "relative_order": order_hits / (pairs * n) if pairs else None,
             "relative_full": full_hits / (pairs * n) if pairs else None,
             "absolute_full": float(absolute)}
+
+
+def relative_order_from_positions(adapters: list[TokenAdapter], schedules: list[BlockSchedule]) -> dict:
+    """ViT: match each key's position embeddings to another key's by cosine similarity (greedy,
+    most similar pairs first) and score the implied relative block order against the truth."""
+    import torch
+
+    hits, total = 0, 0
+    for (pa, sa), (pb, sb) in itertools.combinations(zip(adapters, schedules), 2):
+        a = torch.nn.functional.normalize(pa.position[0].detach(), dim=1)
+        b = torch.nn.functional.normalize(pb.position[0].detach(), dim=1)
+        n = len(a)
+        match, used = [-1] * n, set()
+        for flat in (a @ b.T).flatten().argsort(descending=True).tolist():
+            i, j = divmod(flat, n)
+            if match[i] < 0 and j not in used:
+                match[i] = j
+                used.add(j)
+        inverse_b = np.argsort(np.asarray(sb.source))  # plain position -> encrypted position under b
+        for i in range(n):
+            hits += match[i] == int(inverse_b[int(sa.source[i])])
+            total += 1
+    n = len(adapters[0].position[0])
+    return {"blocks": n, "chance_order": 1 / n, "relative_order": hits / total if total else None,
+            "relative_full": None, "absolute_full": None}

@@ -38,8 +38,8 @@ from benchmarks._common import ROOT, machine_facts
 from orchestrator.config import TrainingConfig, load_dataclass
 from orchestrator.data import Geometry, ShardRef
 from orchestrator.launch import evaluate_checkpoint
-from benchmarks.leakage import relative_recovery
-from models.keyed import KeyedModel, parameter_counts
+from benchmarks.leakage import relative_order_from_positions, relative_recovery
+from models.keyed import KeyedModel, TokenAdapter, parameter_counts
 from orchestrator.training import (TrainJob, code_version, evaluate, load_checkpoint, model_from_checkpoint,
                                    run_training)
 from orchestrator.data import EncodedImages
@@ -211,6 +211,8 @@ def adapter_leakage(model: KeyedModel, cfg: ExperimentConfig, keys: dict) -> dic
     geometry = CipherGeometry(32, 32, 16, "color")
     by_id = {key.key_id: key for key in keys.values() if key is not None}
     schedules = [derive_schedule(by_id[kid].secret, geometry) for kid in model.key_ids]
+    if isinstance(model.adapters[0], TokenAdapter):
+        return relative_order_from_positions(list(model.adapters), schedules)
     return relative_recovery(list(model.adapters), schedules)
 
 
@@ -301,8 +303,8 @@ def leakage_cell(r: dict) -> str:
     lk = r["leakage"]
     if lk["relative_order"] is None:
         return f"one key: adapter is the exact inverse for {lk['absolute_full']:.0%} of blocks"
-    return (f"relative block order {lk['relative_order']:.0%} (chance {lk['chance_order']:.0%}), "
-            f"whole block {lk['relative_full']:.0%}")
+    whole = "" if lk["relative_full"] is None else f", whole block {lk['relative_full']:.0%}"
+    return f"relative block order {lk['relative_order']:.0%} (chance {lk['chance_order']:.0%}){whole}"
 
 
 def _plot(path: Path, results: list[dict]) -> None:

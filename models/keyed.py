@@ -126,6 +126,39 @@ def decode_adapter(adapter: BlockAdapter) -> dict[str, torch.Tensor]:
             "source_channel": source_channel, "sign": sign}
 
 
+class TokenAdapter(nn.Module):
+    """Per-key ViT input: its own patch embedding (absorbs rotation, flip, negative-positive and
+    channel shuffle: all linear maps of a patch) and its own position embedding (absorbs block
+    scrambling: a ViT is permutation-equivariant apart from it). Patch = EtC block.
+    (N, C, H, W) -> (N, n, dim) tokens."""
+
+    def __init__(self, channels: int, image_shape: tuple[int, int], block: int, dim: int) -> None:
+        super().__init__()
+        rows, cols = image_shape
+        self.block, self.grid = block, (rows // block, cols // block)
+        self.proj = nn.Conv2d(channels, dim, kernel_size=block, stride=block)
+        self.position = nn.Parameter(torch.randn(1, self.grid[0] * self.grid[1], dim) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2) + self.position
+
+
+class ViTTrunk(nn.Module):
+    """A timm VisionTransformer from its tokens on: class token, blocks, head. Its own patch and
+    position embeddings are dropped (each key brings its own)."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        vit.patch_embed = nn.Identity()
+        vit.pos_embed = None
+        self.vit = vit
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        v = self.vit
+        x = v.norm_pre(v.patch_drop(v._pos_embed(tokens)))
+        return v.forward_head(v.norm(v.blocks(x)))
+
+
 class UnknownKeyError(KeyError):
     """A query's key id has no adapter in this model."""
 
@@ -155,10 +188,13 @@ class KeyedModel(nn.Module):
         if bool(bad.any()):
             raise UnknownKeyError(f"key index {int(key_index[bad][0])} has no adapter (this model has "
                                   f"{len(self.adapters)})")
-        out = torch.empty_like(x)
+        out = None
         for k in key_index.unique().tolist():
             rows = key_index == k
-            out[rows] = self.adapters[k](x[rows]).to(out.dtype)
+            adapted = self.adapters[k](x[rows])
+            if out is None:  # adapters may change the shape (a ViT's adapters return tokens)
+                out = adapted.new_empty((x.shape[0], *adapted.shape[1:]))
+            out[rows] = adapted.to(out.dtype)
         return out
 
     def forward(self, x: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
@@ -167,6 +203,11 @@ class KeyedModel(nn.Module):
 
 def key_adapter_model(trunk: nn.Module, key_ids: list[str], channels: int, image_shape: tuple[int, int],
                       block: int) -> KeyedModel:
+    """ConvMixer (or any image-in trunk): a BlockAdapter per key. ViT: per-key patch and position
+    embeddings in front of the shared transformer."""
+    if hasattr(trunk, "patch_embed") and hasattr(trunk, "blocks"):  # a timm ViT
+        dim = trunk.embed_dim
+        return KeyedModel(ViTTrunk(trunk), key_ids, lambda: TokenAdapter(channels, image_shape, block, dim))
     return KeyedModel(trunk, key_ids, lambda: BlockAdapter(channels, image_shape, block))
 
 

@@ -29,3 +29,9 @@ def vit_192_6_p4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
 def vit_192_6_p8_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """CPU-sized ViT for 32x32 images with 8-pixel blocks (16 patches; gray EtC's block)."""
     return _vit(192, 6, 3, 8, 32, **kwargs)
+
+
+@register_model
+def vit_192_6_p16_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """CPU-sized ViT for 32x32 images with colour EtC's 16-pixel blocks (4 patches: one per block)."""
+    return _vit(192, 6, 3, 16, 32, **kwargs)

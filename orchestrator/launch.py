@@ -63,8 +63,8 @@ def build_job(cfg: ClusterConfig, store: ShardStore) -> TrainJob:
     """The training plan: every committed train dataset; every committed test dataset to evaluate."""
     t, s = cfg.task, cfg.training
     if s.strategy not in AVAILABLE_STRATEGIES:
-        raise ConfigError(f"training.strategy: {s.strategy!r} is not available in this version "
-                          f"(available: {', '.join(AVAILABLE_STRATEGIES)})")
+        raise ConfigError("training.strategy 'federated' trains at the owners: run `orchestrator federate` "
+                          "with this config (owners join with `owner-agent federate`)")
     refs = plan_from_catalog(store.committed_datasets(), store.object_path)
     train = tuple(r for r in refs if r.split == "train")
     test = tuple(r for r in refs if r.split == "test")

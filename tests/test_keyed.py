@@ -136,3 +136,27 @@ def test_key_adapters_train_checkpoint_and_serve_only_known_keys(keyed_job, tmp_
         predictor.predict(encoded, m.key_id)
     with pytest.raises(QueryError, match="not trained on key id"):
         predictor.predict(encoded, None)
+
+
+def test_keyed_vit_has_per_key_patch_and_position_embeddings_and_they_can_undo_a_scramble():
+    from orchestrator.training import build_network
+    from models.keyed import TokenAdapter
+
+    torch.manual_seed(0)
+    model = build_network("key-adapters", "vit_192_6_p16_32", 10, Geometry(32, 16, "color"), ["ka", "kb"]).eval()
+    assert isinstance(model.adapters[0], TokenAdapter) and model.adapters[0].position.shape == (1, 4, 192)
+    x = torch.randn(3, 3, 32, 32)
+    # key b = key a with its blocks scrambled: b's adapter copies a's with the position table permuted
+    perm = [2, 0, 3, 1]  # encrypted block i of b holds block perm[i] of a
+    scrambled = x.clone()
+    for i, src in enumerate(perm):
+        r, c = divmod(i, 2)
+        sr, sc = divmod(src, 2)
+        scrambled[:, :, r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = x[:, :, sr * 16:(sr + 1) * 16, sc * 16:(sc + 1) * 16]
+    with torch.no_grad():
+        model.adapters[1].proj.load_state_dict(model.adapters[0].proj.state_dict())
+        model.adapters[1].position.copy_(model.adapters[0].position[:, perm])
+    a = model(x, torch.zeros(3, dtype=torch.long))
+    b = model(scrambled, torch.ones(3, dtype=torch.long))
+    assert torch.allclose(a, b, atol=1e-4)  # the ViT trunk is blind to token order apart from positions
+    assert not torch.allclose(a, model(scrambled, torch.zeros(3, dtype=torch.long)), atol=1e-3)
