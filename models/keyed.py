@@ -4,8 +4,10 @@ Block EtC does two kinds of things to an image: it moves blocks in space (scramb
 transforms each block in place (rotation/flip, negative-positive, colour shuffle). A per-key patch
 embedding can absorb only the second kind; the trunk of a ConvMixer or a ViT then still sees every
 key's blocks in a different spatial order, which is why such a stem recovers none of the multi-key
-gap (DESIGN section 5). :class:`BlockAdapter` is shaped so that it *can* represent the exact
-inverse of a key, and nothing much more:
+gap (DESIGN section 5). For a ViT, a per-key position embedding undoes the scrambling
+(:class:`TokenAdapter`). For a ConvMixer (convolutions: translation-, not permutation-equivariant),
+:class:`BlockAdapter` is shaped so that it *can* represent the exact inverse of a key, and
+nothing much more:
 
 * ``orientation``: per encrypted block position, a soft choice among the 8 rotations/flips;
 * ``colour``: per encrypted block position, a channel-mixing matrix and a bias (a channel
@@ -127,10 +129,12 @@ def decode_adapter(adapter: BlockAdapter) -> dict[str, torch.Tensor]:
 
 
 class TokenAdapter(nn.Module):
-    """Per-key ViT input: its own patch embedding (absorbs rotation, flip, negative-positive and
-    channel shuffle: all linear maps of a patch) and its own position embedding (absorbs block
-    scrambling: a ViT is permutation-equivariant apart from it). Patch = EtC block.
-    (N, C, H, W) -> (N, n, dim) tokens."""
+    """Per-key ViT input: its own position embedding, which can absorb block scrambling exactly (a
+    ViT is permutation-equivariant apart from it), and its own patch embedding. Patch = EtC block.
+    The patch embedding is one linear map for all of the key's blocks, so it absorbs only what is
+    common to them; EtC's rotation, negative-positive and channel shuffle differ from block to
+    block (undoing them exactly takes a patch embedding per block position: n times the
+    parameters). (N, C, H, W) -> (N, n, dim) tokens."""
 
     def __init__(self, channels: int, image_shape: tuple[int, int], block: int, dim: int) -> None:
         super().__init__()
