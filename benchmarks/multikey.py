@@ -68,6 +68,8 @@ class ExperimentConfig:
     adapter_lr_scale: float = 10.0  # key-adapters: the adapters' lr relative to lr
     federated_adapter_init: str = "key"  # key: owners start their adapter at their key's inverse | learned
     local_epochs: int = 1  # federated: epochs per round
+    federated_split_batch: bool = True  # federated: each owner's batch = batch_size / K, so FedAvg takes as
+    # many sequential steps as centralised training at equal epochs (4 owners x 16 ~ one batch of 64)
     only_cells: tuple[str, ...] = ()  # e.g. ["k8-dirichlet"]: run just these K/partition cells (empty: all)
     seed: int = 0
     out: Path = ROOT / "results" / "multikey"
@@ -164,7 +166,10 @@ def federated_cell(cfg: ExperimentConfig, k: int, partition: str, job: TrainJob,
     from owners.fl_client import OwnerSite, make_client_app
 
     owners = sorted({r.owner for r in job.train})
-    plan = FederatedPlan(job.classes, job.geometry, job.settings, cfg.epochs // cfg.local_epochs, cfg.local_epochs)
+    settings = job.settings
+    if cfg.federated_split_batch:
+        settings = dataclasses.replace(settings, batch_size=max(1, cfg.batch_size // len(owners)))
+    plan = FederatedPlan(job.classes, job.geometry, settings, cfg.epochs // cfg.local_epochs, cfg.local_epochs)
     sites = {i: OwnerSite(folder / owner / "train", folder / owner / "test", keys[owner], folder / owner / "state",
                           cfg.federated_adapter_init) for i, owner in enumerate(owners)}
     ray.shutdown()  # Flower's simulation starts (and at the end stops) Ray itself
@@ -191,7 +196,7 @@ def federated_cell(cfg: ExperimentConfig, k: int, partition: str, job: TrainJob,
             "train_images": sum(r.images for r in job.train),
             "parameters": {"total": counts["shared"] + len(owners) * counts["per_key"], "shared": counts["shared"],
                            "per_key": counts["per_key"]},
-            "leakage": None, "adapter_init": cfg.federated_adapter_init,
+            "leakage": None, "adapter_init": cfg.federated_adapter_init, "owner_batch_size": settings.batch_size,
             "rounds": trunk["rounds"]}
 
 
