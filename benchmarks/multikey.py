@@ -13,7 +13,8 @@ Strategies measured: plain (no encryption), shared-key (all owners, one key), po
 owner, one model, no key information), key-adapters (a key per owner, a per-key BlockAdapter in
 front of a shared trunk, all trained in the cloud), federated (Flower simulation on Ray: each owner
 trains its private adapter and the shared trunk on its own data, FedAvg over the trunk; rounds x
-local epochs = epochs).
+local epochs = epochs), and federated-shared-key (the same with every owner under one key and
+adapters starting at identity: FedAvg's own cost, without the keys).
 
 Wrong key: the test images under a key no owner has. A keyed model refuses that key id, so it is
 also measured the way an attacker would try: presented under owner0's key id. Key leakage: for
@@ -49,7 +50,7 @@ from owners.keys import OwnerKey
 from owners.prepare import EncryptSettings, encrypt_folder
 from owners.shards import Manifest
 
-STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters", "federated")
+STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters", "federated", "federated-shared-key")
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class ExperimentConfig:
     adapter_lr_scale: float = 10.0  # key-adapters: the adapters' lr relative to lr
     federated_adapter_init: str = "key"  # key: owners start their adapter at their key's inverse | learned
     local_epochs: int = 1  # federated: epochs per round
-    federated_split_batch: bool = True  # federated: each owner's batch = batch_size / K, so FedAvg takes as
+    federated_split_batch: bool = False  # federated: each owner's batch = batch_size / K, so FedAvg takes as
     # many sequential steps as centralised training at equal epochs (4 owners x 16 ~ one batch of 64)
     only_cells: tuple[str, ...] = ()  # e.g. ["k8-dirichlet"]: run just these K/partition cells (empty: all)
     seed: int = 0
@@ -116,8 +117,9 @@ def run_cell(cfg: ExperimentConfig, k: int, partition: str, strategy: str, share
              classes: tuple[str, ...], work: Path) -> dict:
     """Train one strategy on one split; evaluate every owner and the wrong key."""
     tag = f"k{k}-{partition}-{strategy}"
+    shared = strategy in ("shared-key", "federated-shared-key")
     keys = {f"owner{i}": (None if strategy == "plain" else
-                          key_for("shared" if strategy == "shared-key" else f"owner{i}", cfg.seed)) for i in range(k)}
+                          key_for("shared" if shared else f"owner{i}", cfg.seed)) for i in range(k)}
     train, test = (), ()
     for i, share in enumerate(shares):
         owner = f"owner{i}"
@@ -134,8 +136,8 @@ def run_cell(cfg: ExperimentConfig, k: int, partition: str, strategy: str, share
     job = TrainJob(tag, classes, Geometry(32, None if strategy == "plain" else 16,
                                           "plain" if strategy == "plain" else "color"),
                    train, test, settings, str(work / tag / "logs"), code_version())
-    if strategy == "federated":
-        return federated_cell(cfg, k, partition, job, keys, work / tag)
+    if strategy in ("federated", "federated-shared-key"):
+        return federated_cell(cfg, k, partition, job, keys, work / tag, strategy)
     started = time.perf_counter()
     checkpoint = run_training(job, work / "ray")
     minutes = (time.perf_counter() - started) / 60
@@ -156,7 +158,8 @@ def run_cell(cfg: ExperimentConfig, k: int, partition: str, strategy: str, share
     return result
 
 
-def federated_cell(cfg: ExperimentConfig, k: int, partition: str, job: TrainJob, keys: dict, folder: Path) -> dict:
+def federated_cell(cfg: ExperimentConfig, k: int, partition: str, job: TrainJob, keys: dict, folder: Path,
+                   strategy: str) -> dict:
     """Flower simulation on Ray; then each owner's accuracy with its own adapter and the final trunk."""
     import ray
     import torch
@@ -170,8 +173,10 @@ def federated_cell(cfg: ExperimentConfig, k: int, partition: str, job: TrainJob,
     if cfg.federated_split_batch:
         settings = dataclasses.replace(settings, batch_size=max(1, cfg.batch_size // len(owners)))
     plan = FederatedPlan(job.classes, job.geometry, settings, cfg.epochs // cfg.local_epochs, cfg.local_epochs)
+    # the one-key FedAvg baseline knows nothing of the key: its adapters start at identity
+    init = "learned" if strategy == "federated-shared-key" else cfg.federated_adapter_init
     sites = {i: OwnerSite(folder / owner / "train", folder / owner / "test", keys[owner], folder / owner / "state",
-                          cfg.federated_adapter_init) for i, owner in enumerate(owners)}
+                          init) for i, owner in enumerate(owners)}
     ray.shutdown()  # Flower's simulation starts (and at the end stops) Ray itself
     started = time.perf_counter()
     checkpoint = simulate(plan, make_client_app(sites), len(owners), len(owners), folder / "server")
@@ -190,13 +195,13 @@ def federated_cell(cfg: ExperimentConfig, k: int, partition: str, job: TrainJob,
     wrong_acc = evaluate(models[owners[0]], EncodedImages(wrong, [wrong[0].key_id]), [wrong[0].key_id], job.settings,
                          torch.device("cpu"), route={wrong[0].key_id: victim})["test_acc"]
     counts = parameter_counts(models[owners[0]])
-    return {"k": k, "partition": partition, "strategy": "federated", "minutes": minutes,
+    return {"k": k, "partition": partition, "strategy": strategy, "minutes": minutes,
             "accuracy": float(np.mean(list(accuracy.values()))), "per_owner": accuracy,
             "wrong_key_accuracy": wrong_acc, "wrong_key_refused": True,
             "train_images": sum(r.images for r in job.train),
             "parameters": {"total": counts["shared"] + len(owners) * counts["per_key"], "shared": counts["shared"],
                            "per_key": counts["per_key"]},
-            "leakage": None, "adapter_init": cfg.federated_adapter_init, "owner_batch_size": settings.batch_size,
+            "leakage": None, "adapter_init": init, "owner_batch_size": settings.batch_size,
             "rounds": trunk["rounds"]}
 
 
@@ -301,7 +306,7 @@ def _jsonable(cfg: ExperimentConfig) -> dict:
 def leakage_cell(r: dict) -> str:
     if r["strategy"] == "plain":
         return "-"
-    if r["strategy"] == "federated":
+    if r["strategy"].startswith("federated"):
         return f"none: adapters (init: {r.get('adapter_init')}) stay with the owners; the cloud holds the trunk"
     if r["leakage"] is None:
         return "none: no per-key weights"
