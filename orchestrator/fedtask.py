@@ -24,6 +24,7 @@ from orchestrator.data import EncodedImages, Geometry, ShardRef
 from orchestrator.training import TrainJob, build_network, evaluate, make_optimizer, train_one_epoch
 
 SHARED_PREFIX = "trunk."
+CPU = torch.device("cpu")  # owners train on CPU unless told otherwise
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def round_peak_lr(plan: FederatedPlan, server_round: int) -> float:
 
 
 def local_train(model: KeyedModel, shards: list[ShardRef], plan: FederatedPlan, server_round: int,
-                device: torch.device = torch.device("cpu")) -> dict:
+                device: torch.device = CPU) -> dict:
     """``local_epochs`` over the owner's own encrypted shards. Returns metrics incl. num-examples."""
     s = dataclasses.replace(plan.settings, lr=round_peak_lr(plan, server_round))
     torch.manual_seed(s.seed * 7919 + server_round)
@@ -107,7 +108,7 @@ def local_train(model: KeyedModel, shards: list[ShardRef], plan: FederatedPlan, 
 
 
 def local_evaluate(model: KeyedModel, shards: list[ShardRef], plan: FederatedPlan,
-                   device: torch.device = torch.device("cpu")) -> dict:
+                   device: torch.device = CPU) -> dict:
     key = model.key_ids[0]
     result = evaluate(model, EncodedImages(shards, [key]), [key], plan.settings, device)
     return {"test_acc": result["test_acc"], "num-examples": result["per_group"][key]["images"]}
