@@ -4,7 +4,7 @@ Block EtC does two kinds of things to an image: it moves blocks in space (scramb
 transforms each block in place (rotation/flip, negative-positive, colour shuffle). A per-key patch
 embedding can absorb only the second kind; the trunk of a ConvMixer or a ViT then still sees every
 key's blocks in a different spatial order, which is why such a stem recovers none of the multi-key
-gap (DESIGN section 5). For a ViT, a per-key position embedding undoes the scrambling
+gap (``docs/results.md``). For a ViT, a per-key position embedding undoes the scrambling
 (:class:`TokenAdapter`). For a ConvMixer (convolutions: translation-, not permutation-equivariant),
 :class:`BlockAdapter` is shaped so that it *can* represent the exact inverse of a key, and
 nothing much more:
@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from models.network import Network, UnknownKeyError
 
 NUM_ORIENTATIONS = 8  # 4 quarter turns x {no flip, flip}
 
@@ -159,15 +161,13 @@ class ViTTrunk(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         v = self.vit
-        x = v.norm_pre(v.patch_drop(v._pos_embed(tokens)))
+        prefix = [t.expand(len(tokens), -1, -1) for t in (v.cls_token, v.reg_token) if t is not None]
+        x = torch.cat([*prefix, tokens], dim=1)  # the position is already in the key's tokens
+        x = v.norm_pre(v.patch_drop(x))
         return v.forward_head(v.norm(v.blocks(x)))
 
 
-class UnknownKeyError(KeyError):
-    """A query's key id has no adapter in this model."""
-
-
-class KeyedModel(nn.Module):
+class KeyedModel(Network):
     """One adapter per key id, one shared trunk. ``forward(x, key_index)`` with key_index an int
     tensor of positions in ``key_ids``."""
 
@@ -179,11 +179,11 @@ class KeyedModel(nn.Module):
         self.adapters = nn.ModuleList(make_adapter() for _ in self.key_ids)
         self.trunk = trunk
 
-    def key_index(self, key_id: str | None) -> int:
-        if key_id not in self.key_ids:
-            raise UnknownKeyError(f"no adapter for key id {key_id or '(none)'}; this model knows "
-                                  f"{', '.join(self.key_ids)}")
-        return self.key_ids.index(key_id)
+    def route(self, key_id: str | None) -> int | None:
+        return self.key_ids.index(key_id) if key_id in self.key_ids else None
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return list(self.adapters.parameters())
 
     def adapt(self, x: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
         if key_index.shape != (x.shape[0],):
@@ -213,12 +213,3 @@ def key_adapter_model(trunk: nn.Module, key_ids: list[str], channels: int, image
         dim = trunk.embed_dim
         return KeyedModel(ViTTrunk(trunk), key_ids, lambda: TokenAdapter(channels, image_shape, block, dim))
     return KeyedModel(trunk, key_ids, lambda: BlockAdapter(channels, image_shape, block))
-
-
-def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Parameters of the shared part and of each key's adapter (for reports)."""
-    total = sum(p.numel() for p in model.parameters())
-    if isinstance(model, KeyedModel):
-        per_key = sum(p.numel() for p in model.adapters[0].parameters())
-        return {"total": total, "shared": sum(p.numel() for p in model.trunk.parameters()), "per_key": per_key}
-    return {"total": total, "shared": total, "per_key": 0}

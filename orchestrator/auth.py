@@ -32,19 +32,3 @@ class TokenAuth:
             log.warning("rejected a call with an unknown token from %s", context.peer())
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
         return owner
-
-
-def bind(server: grpc.Server, listen: str, tls, what: str) -> int:
-    """Add the listening port, with TLS (and client certificates when ``tls.client_ca``) if given."""
-    if tls is None:
-        port = server.add_insecure_port(listen)
-    else:
-        creds = grpc.ssl_server_credentials(
-            [(tls.key.read_bytes(), tls.cert.read_bytes())],
-            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
-            require_client_auth=tls.client_ca is not None,
-        )
-        port = server.add_secure_port(listen, creds)
-    if port == 0:
-        raise OSError(f"{what}: cannot listen on {listen} (address in use?)")
-    return port

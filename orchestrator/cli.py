@@ -12,6 +12,7 @@ import threading
 
 from orchestrator import __version__
 from orchestrator.config import ConfigError, load_config
+from orchestrator.errors import RunFailed
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, TimeoutError, RuntimeError) as exc:
+    except (ConfigError, RunFailed) as exc:
         print(f"orchestrator {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -14,15 +14,12 @@ from pathlib import Path
 
 import yaml
 
-SCHEMES = ("color", "gray", "plain")
-FORMATS = ("jpeg", "png")
-CHROMAS = ("420", "444")
-STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters", "federated")
-KEYED_STRATEGIES = ("key-adapters", "federated")  # a per-key adapter in front of a shared trunk
-PRECISIONS = ("auto", "fp32", "bf16")
+from mlcore.settings import PRECISIONS, STRATEGIES, TrainSettings
+from protocol.net import is_loopback, split_listen
+from protocol.task import Task, TaskError
+
 OWNER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 class ConfigError(ValueError):
@@ -37,23 +34,11 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
-class TaskConfig:
-    """Published to owner-agents: every owner maps folders to the same labels and geometry."""
-
-    classes: tuple[str, ...]  # label id = position in this list
-    image_size: int = 32  # pixels, square
-    block_size: int = 16  # EtC block in pixels (colour 16, gray 8)
-    scheme: str = "color"  # color | gray | plain
-    format: str = "jpeg"  # jpeg | png
-    quality: int = 85  # JPEG quality
-    chroma: str = "420"  # JPEG chroma subsampling: 420 | 444
-
-
-@dataclass(frozen=True)
 class TlsConfig:
     cert: Path  # server certificate chain (PEM)
     key: Path  # server private key (PEM)
     client_ca: Path | None = None  # set: mutual TLS, clients need a certificate signed by this CA
+    ca: Path | None = None  # the CA that signed ``cert``: the Flower SuperLink needs it (federated mode)
 
 
 @dataclass(frozen=True)
@@ -73,25 +58,13 @@ class IngestConfig:
 
 
 @dataclass(frozen=True)
-class TrainingConfig:
-    strategy: str = "shared-key"  # plain | shared-key | pooled | key-adapters | federated
-    model: str = "convmixer_256_8_p4_k9"  # a name registered in models/ (or any timm name)
-    epochs: int = 10
-    batch_size: int = 64  # per worker
+class TrainingConfig(TrainSettings):
+    """``training:``: the ML core's settings (``mlcore/settings.py``) plus how the cloud runs them."""
+
     workers: int = 1  # Ray Train workers
     cpus_per_worker: int = 0  # 0: all CPUs of the machine divided among the workers
     use_gpu: bool = False
-    lr: float = 0.01  # peak learning rate of the one-cycle schedule (AdamW)
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.1
-    mixup_alpha: float = 0.0  # > 0: mixup with Beta(alpha, alpha) (the paper used mixup + CutMix)
-    cutmix_prob: float = 0.0  # probability of block-aligned CutMix instead of mixup for a batch
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU: bf16 is 6x slower on CPUs without AMX) | fp32 | bf16
-    pretrained_file: Path | None = None  # local weights for timm models (e.g. ViT-B/16); never downloaded
     max_failures: int = 2  # Ray Train restarts from the last checkpoint this many times
-    adapter_lr_scale: float = 10.0  # key-adapters/federated: adapters' peak lr = lr x this (they
-    # must travel from "every block everywhere" to a hard permutation within one schedule)
-    seed: int = 0
     start_when: tuple[str, ...] = ()  # owners whose train and test uploads start training
     wait_timeout_s: int = 3600  # give up waiting for those uploads after this long
 
@@ -115,7 +88,7 @@ class FederatedConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     name: str  # run name: Ray Train run name and store sub-folder
-    task: TaskConfig
+    task: Task  # published to owner-agents: every owner maps folders to the same labels and geometry
     ray: RayConfig = RayConfig()
     ingest: IngestConfig = IngestConfig()
     training: TrainingConfig = TrainingConfig()
@@ -187,61 +160,58 @@ def _build(cls: type, data: object, where: str, base: Path) -> object:
             kwargs[name] = _convert(hints[name], data[name], path, base)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{path}: required")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except TaskError as exc:  # the task checks itself; its message names the field
+        raise ConfigError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- rules
 
 
 def _check_listen(value: str, where: str) -> None:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{where}: expected HOST:PORT, got {value!r}")
-
-
-def is_loopback(listen: str) -> bool:
-    return listen.rpartition(":")[0] in LOOPBACK_HOSTS
+    try:
+        split_listen(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _validate(cfg: ClusterConfig) -> None:
-    t = cfg.task
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", cfg.name):
         raise ConfigError(f"name: {cfg.name!r} must be 1-64 letters, digits, '.', '_' or '-'")
-    if len(t.classes) < 2 or len(set(t.classes)) != len(t.classes):
+    if len(cfg.task.classes) < 2:
         raise ConfigError("task.classes: need at least two distinct class names")
-    if t.scheme not in SCHEMES:
-        raise ConfigError(f"task.scheme: {t.scheme!r} is not one of {', '.join(SCHEMES)}")
-    if t.format not in FORMATS:
-        raise ConfigError(f"task.format: {t.format!r} is not one of {', '.join(FORMATS)}")
-    if t.chroma not in CHROMAS:
-        raise ConfigError(f"task.chroma: {t.chroma!r} is not one of {', '.join(CHROMAS)}")
-    if not 1 <= t.quality <= 100:
-        raise ConfigError(f"task.quality: {t.quality} is not in 1..100")
-    if t.image_size < 1 or (t.scheme != "plain" and (t.block_size < 1 or t.image_size % t.block_size)):
-        raise ConfigError(f"task.image_size: {t.image_size} is not a multiple of task.block_size {t.block_size}")
-    _check_listen(cfg.ingest.listen, "ingest.listen")
+    _validate_ingest(cfg.ingest)
     _check_listen(cfg.serve.listen, "serve.listen")
-    ids = [o.id for o in cfg.ingest.owners]
-    for i, owner in enumerate(cfg.ingest.owners):
+    _validate_training(cfg.training, cfg.task, cfg.ingest)
+    _validate_federated(cfg)
+
+
+def _validate_ingest(ing: IngestConfig) -> None:
+    _check_listen(ing.listen, "ingest.listen")
+    ids = [o.id for o in ing.owners]
+    for i, owner in enumerate(ing.owners):
         if not OWNER_ID.match(owner.id):
             raise ConfigError(f"ingest.owners[{i}].id: {owner.id!r} must be lower-case letters, digits, '.', '_' or '-'")
         if not SHA256_HEX.match(owner.token_sha256):
             raise ConfigError(f"ingest.owners[{i}].token_sha256: expected 64 lower-case hex digits")
     if len(set(ids)) != len(ids):
         raise ConfigError("ingest.owners: owner ids must be unique")
-    if len({o.token_sha256 for o in cfg.ingest.owners}) != len(ids):
+    if len({o.token_sha256 for o in ing.owners}) != len(ids):
         raise ConfigError("ingest.owners: two owners share a token")
-    if cfg.ingest.tls is None and cfg.ingest.owners and not (
-        cfg.ingest.insecure_loopback and is_loopback(cfg.ingest.listen)
-    ):
+    if ing.tls is None and ing.owners and not (ing.insecure_loopback and is_loopback(ing.listen)):
         raise ConfigError(
             "ingest.tls: tokens would travel in clear text; configure tls, or listen on loopback "
             "and set ingest.insecure_loopback: true"
         )
-    tr = cfg.training
+
+
+def _validate_training(tr: TrainingConfig, task: Task, ing: IngestConfig) -> None:
     if tr.strategy not in STRATEGIES:
         raise ConfigError(f"training.strategy: {tr.strategy!r} is not one of {', '.join(STRATEGIES)}")
-    if (tr.strategy == "plain") != (t.scheme == "plain"):
+    if tr.keyed and not task.encrypted:
+        raise ConfigError(f"training.strategy: {tr.strategy!r} needs encrypted data (task.scheme color or gray)")
+    if (tr.strategy == "plain") != (not task.encrypted):
         raise ConfigError("training.strategy: 'plain' goes with task.scheme 'plain' and only with it")
     for name in ("epochs", "batch_size", "workers"):
         if getattr(tr, name) < 1:
@@ -250,20 +220,30 @@ def _validate(cfg: ClusterConfig) -> None:
         raise ConfigError(f"training.precision: {tr.precision!r} is not one of {', '.join(PRECISIONS)}")
     if tr.adapter_lr_scale <= 0:
         raise ConfigError("training.adapter_lr_scale: must be positive")
-    if tr.strategy in KEYED_STRATEGIES and t.scheme == "plain":
-        raise ConfigError(f"training.strategy: {tr.strategy!r} needs encrypted data (task.scheme color or gray)")
     if not 0 <= tr.cutmix_prob <= 1 or tr.mixup_alpha < 0:
         raise ConfigError("training.cutmix_prob must be in [0, 1] and training.mixup_alpha >= 0")
-    fed = cfg.federated
+    missing = [o for o in tr.start_when if o not in {o.id for o in ing.owners}]
+    if missing:
+        raise ConfigError(f"training.start_when: {', '.join(missing)} not in ingest.owners")
+
+
+def _validate_federated(cfg: ClusterConfig) -> None:
+    fed, tr = cfg.federated, cfg.training
     _check_listen(fed.listen, "federated.listen")
     if fed.local_epochs < 1 or fed.min_owners < 1 or fed.round_timeout_s <= 0:
         raise ConfigError("federated.local_epochs and federated.min_owners must be >= 1, round_timeout_s > 0")
-    if tr.strategy == "federated" and tr.epochs % fed.local_epochs:
+    if tr.strategy != "federated":
+        return
+    if tr.epochs % fed.local_epochs:
         raise ConfigError(f"federated.local_epochs ({fed.local_epochs}) must divide training.epochs ({tr.epochs}): "
                           "rounds x local epochs is the budget")
-    missing = [o for o in tr.start_when if o not in ids]
-    if missing:
-        raise ConfigError(f"training.start_when: {', '.join(missing)} not in ingest.owners")
+    tls = cfg.ingest.tls
+    if tls is not None and tls.ca is None:
+        raise ConfigError("ingest.tls.ca: the federated mode's Flower SuperLink needs the CA certificate that "
+                          "signed ingest.tls.cert")
+    if tls is None and not is_loopback(fed.listen):
+        raise ConfigError("federated.listen: without ingest.tls the Flower link is plaintext; listen on loopback "
+                          "or configure ingest.tls (with ca)")
 
 
 def parse_config(data: object, source: Path | None = None) -> ClusterConfig:

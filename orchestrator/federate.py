@@ -2,7 +2,7 @@
 
 Owners keep their data and their key-specific adapter; the orchestrator runs a Flower SuperLink,
 submits the federation (a Flower App whose components are the installed
-``orchestrator.fl_server:app`` and ``owners.fl_client:app``), and waits for it. The ingest
+``orchestrator.server_app:app`` and ``owners.client_app:app``), and waits for it. The ingest
 service runs alongside so that owners fetch the task (image size, block size, scheme) with their
 token, exactly as for uploads. Experiments run the same ServerApp/ClientApp in Flower's
 simulation on Ray (:func:`simulate`).
@@ -19,20 +19,13 @@ import threading
 import time
 from pathlib import Path
 
-from orchestrator.config import ClusterConfig, ConfigError
-from orchestrator.data import Geometry
-from orchestrator.fedtask import FederatedPlan
+from mlcore.federated import FederatedPlan
+from orchestrator.config import ClusterConfig
+from orchestrator.errors import RunFailed
+from orchestrator.server_app import FINAL_CHECKPOINT, make_server_app, plan_for
 
 BIN = Path(sys.executable).parent  # flower-superlink / flwr live beside this interpreter
 FEDERATION = "etc"
-
-
-def plan_for(cfg: ClusterConfig) -> FederatedPlan:
-    t, s, f = cfg.task, cfg.training, cfg.federated
-    if s.strategy != "federated":
-        raise ConfigError(f"training.strategy is {s.strategy!r}: `orchestrator federate` needs 'federated'")
-    return FederatedPlan(tuple(t.classes), Geometry(t.image_size, t.block_size, t.scheme), s,
-                         s.epochs // f.local_epochs, f.local_epochs)
 
 
 def flower_env(home: Path) -> dict[str, str]:
@@ -49,7 +42,7 @@ def write_app(folder: Path) -> Path:
         '[project]\nname = "etc-federated"\nversion = "1.0.0"\ndescription = "EtC federated training"\n'
         'license = "Apache-2.0"\ndependencies = []\n\n'
         '[tool.flwr.app]\npublisher = "etc-orchestrator"\n\n'
-        '[tool.flwr.app.components]\nserverapp = "orchestrator.fl_server:app"\nclientapp = "owners.fl_client:app"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "orchestrator.server_app:app"\nclientapp = "owners.client_app:app"\n\n'
         '[tool.flwr.app.config]\ncluster-config = ""\nout-dir = ""\n')
     return folder
 
@@ -78,7 +71,7 @@ class SuperLink:
         try:
             return json.loads(out.stdout)
         except json.JSONDecodeError:
-            raise RuntimeError(f"flwr {args[0]} failed: {(out.stdout + out.stderr).strip()[-500:]}") from None
+            raise RunFailed(f"flwr {args[0]} failed: {(out.stdout + out.stderr).strip()[-500:]}") from None
 
     def stop(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -95,8 +88,6 @@ class SuperLink:
 
 def run_federation(cfg: ClusterConfig, work: Path, stop: threading.Event, log=print, poll_s: float = 2.0) -> Path:
     """Start the SuperLink, submit the federation, wait for it to finish; returns the trunk checkpoint."""
-    from orchestrator.fl_server import FINAL_CHECKPOINT
-
     plan = plan_for(cfg)
     work = Path(work)
     out_dir = work / "result"
@@ -111,12 +102,12 @@ def run_federation(cfg: ClusterConfig, work: Path, stop: threading.Event, log=pr
             if answer.get("success") or "unavailable" not in str(answer.get("error-message", "")):
                 submitted = answer
             elif time.monotonic() > deadline or link.process.poll() is not None:
-                raise RuntimeError(f"the Flower SuperLink on {cfg.federated.listen} did not start; see "
+                raise RunFailed(f"the Flower SuperLink on {cfg.federated.listen} did not start; see "
                                    f"{work / 'superlink.log'}")
             else:
                 time.sleep(1)
         if not submitted.get("success"):
-            raise RuntimeError(f"flwr run refused the federation: {submitted}")
+            raise RunFailed(f"flwr run refused the federation: {submitted}")
         run_id = str(submitted["run-id"])
         log(f"federation submitted (Flower run {run_id}): {plan.rounds} rounds x {plan.local_epochs} local "
             f"epoch(s); owners connect their SuperNodes to {cfg.federated.listen}")
@@ -130,7 +121,7 @@ def run_federation(cfg: ClusterConfig, work: Path, stop: threading.Event, log=pr
                                     capture_output=True, text=True, timeout=120)
         (work / "serverapp.log").write_text(server_log.stdout + server_log.stderr)
         if status != "finished:completed" or not (out_dir / FINAL_CHECKPOINT).exists():
-            raise RuntimeError(f"federation ended {status}; ServerApp log: {work / 'serverapp.log'}")
+            raise RunFailed(f"federation ended {status}; ServerApp log: {work / 'serverapp.log'}")
         return out_dir / FINAL_CHECKPOINT
     finally:
         link.stop()
@@ -140,8 +131,6 @@ def simulate(plan: FederatedPlan, client_app, num_owners: int, min_owners: int, 
              round_timeout_s: float = 3600.0, cpus: int = 2) -> Path:
     """The same ServerApp and ClientApp in Flower's simulation on Ray (Flower starts and stops Ray)."""
     from flwr.simulation import run_simulation
-
-    from orchestrator.fl_server import FINAL_CHECKPOINT, make_server_app
 
     shutil.rmtree(out_dir, ignore_errors=True)
     run_simulation(server_app=make_server_app(plan, min_owners, round_timeout_s, Path(out_dir)),

@@ -12,24 +12,19 @@ from pathlib import Path
 
 import grpc
 
-from orchestrator.auth import TokenAuth, bind, token_sha256  # noqa: F401 - token_sha256 re-exported
-from orchestrator.config import ClusterConfig, ConfigError, is_loopback
-from orchestrator.proto import ingest_pb2 as pb
-from orchestrator.proto import ingest_pb2_grpc as pb_grpc
-from orchestrator.store import DatasetState, ShardProgress, ShardStore, StoreError, TaskSpec
+from orchestrator import rpc
+from orchestrator.auth import TokenAuth
+from orchestrator.config import ClusterConfig, ConfigError
+from orchestrator.errors import Refused
+from orchestrator.store import DatasetState, ShardProgress, ShardStore
+from protocol.net import is_loopback
+from protocol.proto import ingest_pb2 as pb
+from protocol.proto import ingest_pb2_grpc as pb_grpc
 
 log = logging.getLogger("orchestrator.ingest")
 
 CHUNK_BYTES = 1 << 20  # what clients send per message
 MAX_MESSAGE_BYTES = CHUNK_BYTES + (64 << 10)  # the server refuses anything larger (gRPC's default is 4 MiB)
-STATUS = {
-    "not_found": grpc.StatusCode.NOT_FOUND,
-    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
-    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
-    "data_loss": grpc.StatusCode.DATA_LOSS,
-    "busy": grpc.StatusCode.ABORTED,
-    "unavailable": grpc.StatusCode.UNAVAILABLE,
-}
 
 
 def _progress_pb(p: ShardProgress) -> pb.ShardProgress:
@@ -50,22 +45,19 @@ class IngestServicer(pb_grpc.IngestServicer):
     def _owner(self, context: grpc.ServicerContext) -> str:
         return self._auth.owner(context)
 
-    def _refuse(self, context: grpc.ServicerContext, owner: str, exc: StoreError) -> None:
+    def _refuse(self, context: grpc.ServicerContext, owner: str, exc: Refused) -> None:
         log.info("refused %s: %s", owner, exc)
-        context.abort(STATUS[exc.kind], str(exc))
+        rpc.abort(context, exc)
 
     def GetTask(self, request, context):
         owner = self._owner(context)
-        t = self.store.task
-        return pb.Task(run_name=self.run_name, classes=list(t.classes), image_size=t.image_size,
-                       block_size=t.block_size, scheme=t.scheme, format=t.format, quality=t.quality,
-                       chroma=t.chroma, owner_id=owner)
+        return self.store.task.to_pb(pb, self.run_name, owner)
 
     def OpenDataset(self, request, context):
         owner = self._owner(context)
         try:
             state = self.store.open_dataset(owner, request.manifest_json, request.new_key_domain)
-        except StoreError as exc:
+        except Refused as exc:
             self._refuse(context, owner, exc)
         log.info("owner %s opened dataset %s (%s, key %s, %d images, %d shards)", owner, state.dataset_id[:12],
                  state.split, state.key_id, state.images, len(state.shards))
@@ -79,14 +71,14 @@ class IngestServicer(pb_grpc.IngestServicer):
         h = first.header
         try:
             upload = self.store.begin_upload(owner, h.dataset_id, h.shard_sha256, h.offset)
-        except StoreError as exc:
+        except Refused as exc:
             self._refuse(context, owner, exc)
         try:
             for message in _chain(first, request_iterator):
                 if message.data:
                     upload.write(message.data, message.data_crc32)
             progress = upload.finish()
-        except StoreError as exc:
+        except Refused as exc:
             self._refuse(context, owner, exc)
         finally:
             upload.abort()  # idempotent: frees the shard however the stream ended (refused, client gone)
@@ -98,7 +90,7 @@ class IngestServicer(pb_grpc.IngestServicer):
         owner = self._owner(context)
         try:
             state = self.store.commit_dataset(owner, request.dataset_id)
-        except StoreError as exc:
+        except Refused as exc:
             self._refuse(context, owner, exc)
         log.info("owner %s committed dataset %s (%s, %d images)", owner, state.dataset_id[:12], state.split,
                  state.images)
@@ -132,10 +124,7 @@ def start_ingest(cfg: ClusterConfig, listen: str | None = None, workers: int = 8
         raise ConfigError("ingest.owners: no owner may upload; add at least one {id, token_sha256}")
     if ing.tls is None and not (ing.insecure_loopback and is_loopback(listen)):
         raise ConfigError("ingest.tls: refusing to accept tokens without TLS off loopback")
-    t = cfg.task
-    store = ShardStore(Path(ing.store) / cfg.name,
-                       TaskSpec(t.classes, t.image_size, t.block_size, t.scheme, t.format, t.quality, t.chroma),
-                       ing.max_shard_bytes)
+    store = ShardStore(Path(ing.store) / cfg.name, cfg.task, ing.max_shard_bytes)
     handler = _log_to_store(store.root)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
@@ -145,7 +134,7 @@ def start_ingest(cfg: ClusterConfig, listen: str | None = None, workers: int = 8
     pb_grpc.add_IngestServicer_to_server(
         IngestServicer(store, cfg.name, {o.id: o.token_sha256 for o in ing.owners}), server)
     try:
-        port = bind(server, listen, ing.tls, "ingest.listen")
+        port = rpc.bind(server, listen, ing.tls, "ingest.listen")
     except OSError as exc:
         raise ConfigError(str(exc)) from None
     server.start()

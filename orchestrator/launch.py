@@ -12,12 +12,15 @@ import threading
 import time
 from pathlib import Path
 
+from mlcore.checkpoint import code_version, load_checkpoint, model_from_checkpoint
+from mlcore.data import EncodedImages, ShardRef, group_names, shard_refs
+from mlcore.loop import evaluate
 from orchestrator.config import ClusterConfig, ConfigError, RayConfig
-from orchestrator.data import EncodedImages, Geometry, group_names, plan_from_catalog
+from orchestrator.errors import UploadsMissing
 from orchestrator.ingest import IngestService, start_ingest
 from orchestrator.store import ShardStore
-from orchestrator.training import (TrainJob, code_version, evaluate, load_checkpoint, make_model,
-                                   model_from_checkpoint, run_training)
+from orchestrator.training import TrainJob, make_model, run_training
+from protocol.shards import ShardInfo
 
 AVAILABLE_STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters")  # federated: `orchestrator federate`
 
@@ -52,20 +55,29 @@ def wait_for_uploads(store: ShardStore, owners: tuple[str, ...], timeout_s: floa
             log(f"waiting for uploads: {', '.join(missing)}")
             last = missing
         if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up after {timeout_s:.0f} s (training.wait_timeout_s) waiting for "
+            raise UploadsMissing(f"gave up after {timeout_s:.0f} s (training.wait_timeout_s) waiting for "
                                f"uploads: {', '.join(missing)} not committed")
         if stop.wait(poll_s):
             raise KeyboardInterrupt
     log(f"uploads complete for {', '.join(owners) or 'every owner'}")
 
 
+def committed_refs(store: ShardStore) -> list[ShardRef]:
+    """ShardRefs of every committed dataset in the store."""
+    refs: list[ShardRef] = []
+    for d in store.committed_datasets():
+        shards = [ShardInfo(**s) for s in d["manifest"]["shards"]]
+        refs += shard_refs(shards, lambda s: store.object_path(s.sha256), d["owner"], d["key_id"], d["split"])
+    return refs
+
+
 def build_job(cfg: ClusterConfig, store: ShardStore) -> TrainJob:
     """The training plan: every committed train dataset; every committed test dataset to evaluate."""
-    t, s = cfg.task, cfg.training
+    s = cfg.training
     if s.strategy not in AVAILABLE_STRATEGIES:
         raise ConfigError("training.strategy 'federated' trains at the owners: run `orchestrator federate` "
                           "with this config (owners join with `owner-agent federate`)")
-    refs = plan_from_catalog(store.committed_datasets(), store.object_path)
+    refs = committed_refs(store)
     train = tuple(r for r in refs if r.split == "train")
     test = tuple(r for r in refs if r.split == "test")
     if not train:
@@ -80,9 +92,7 @@ def build_job(cfg: ClusterConfig, store: ShardStore) -> TrainJob:
                        {k: str(v) for k, v in dataclasses.asdict(s).items() if k not in ("start_when", "wait_timeout_s")}],
                       sort_keys=True)
     run_name = f"{cfg.name}-{hashlib.sha256(plan.encode()).hexdigest()[:10]}"
-    job = TrainJob(run_name, tuple(t.classes), Geometry(t.image_size, None if t.scheme == "plain" else t.block_size,
-                                                        t.scheme),
-                   train, test, s, str(store.root / "runs" / run_name), code_version())
+    job = TrainJob(run_name, cfg.task, train, test, s, str(store.root / "runs" / run_name), code_version())
     make_model(job)  # a bad model/geometry combination fails here, before Ray starts workers
     return job
 
@@ -100,7 +110,7 @@ def evaluate_checkpoint(checkpoint: Path, job: TrainJob) -> list[dict]:
             shards = [r for r in job.test if r.owner == owner and (r.key_id or r.owner) == key]
             result = evaluate(model, EncodedImages(shards, [key]), [key], job.settings, torch.device("cpu"))
             group = result["per_group"][key]
-            rows.append({"owner": owner, "key_id": key if job.geometry.scheme != "plain" else None,
+            rows.append({"owner": owner, "key_id": key if job.task.encrypted else None,
                          "seen_in_training": key in trained, "images": group["images"],
                          "accuracy": group["acc"], "refused": group["refused"]})
     return rows
@@ -114,11 +124,11 @@ def write_report(folder: Path, job: TrainJob, checkpoint: Path, rows: list[dict]
     for e in epochs:  # reruns append; keep the last record of each epoch
         final[e["epoch"]] = e
     epochs = [final[k] for k in sorted(final)]
-    chance = 1 / len(job.classes)
+    chance = 1 / len(job.task.classes)
     seen = [r for r in rows if r["seen_in_training"] and not r["refused"]]
     seen_acc = sum(r["accuracy"] * r["images"] for r in seen) / max(1, sum(r["images"] for r in seen))
     lines = [f"# Run {job.run_name}", "",
-             f"model {job.settings.model}, strategy {job.settings.strategy}, scheme {job.geometry.scheme}, "
+             f"model {job.settings.model}, strategy {job.settings.strategy}, scheme {job.task.scheme}, "
              f"{job.settings.epochs} epochs, code {job.code_version}", "",
              f"test accuracy on keys seen in training: **{seen_acc:.1%}** (chance {chance:.0%})", "",
              "| owner | key id | seen in training | test images | accuracy |", "|---|---|---|---|---|"]
@@ -131,7 +141,7 @@ def write_report(folder: Path, job: TrainJob, checkpoint: Path, rows: list[dict]
     (folder / "report.md").write_text("\n".join(lines) + "\n")
     doc = {"run": job.run_name, "code_version": job.code_version, "checkpoint": str(checkpoint),
            "training": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(job.settings).items()},
-           "geometry": dataclasses.asdict(job.geometry), "seen_key_accuracy": seen_acc, "chance": chance,
+           "task": dataclasses.asdict(job.task), "seen_key_accuracy": seen_acc, "chance": chance,
            "per_owner_key": rows, "epochs": epochs}
     (folder / "report.json").write_text(json.dumps(doc, indent=1) + "\n")
     _plot(folder / "curves.png", epochs, chance)

@@ -1,7 +1,8 @@
 """Prediction on encrypted queries: a trained checkpoint behind a gRPC service.
 
 :class:`Predictor` is plain Python (checkpoint in, probabilities out); :class:`PredictorServicer`
-only authenticates, unpacks and packs.
+only authenticates, unpacks and packs. Refusals are typed (``orchestrator/errors.py``) and reach
+the caller with the status code their type maps to.
 """
 from __future__ import annotations
 
@@ -14,83 +15,81 @@ import grpc
 import numpy as np
 import torch
 
-from models.keyed import KeyedModel
-from orchestrator.auth import TokenAuth, bind
-from orchestrator.config import ClusterConfig, ConfigError, TrainingConfig, is_loopback
-from orchestrator.data import Geometry
-from orchestrator.proto import ingest_pb2 as pb
-from orchestrator.proto import ingest_pb2_grpc as pb_grpc
-from orchestrator.training import load_checkpoint, model_from_checkpoint, predict_logits
-from owners.shards import decode  # the shared file format; no key material
+from mlcore.checkpoint import load_checkpoint, model_from_checkpoint, task_of
+from mlcore.loop import predict_logits
+from mlcore.settings import TrainSettings
+from orchestrator import rpc
+from orchestrator.auth import TokenAuth
+from orchestrator.config import ClusterConfig, ConfigError
+from orchestrator.errors import InvalidRequest, ModelNotTrainedForKey, Refused
+from protocol.codec import decode
+from protocol.net import is_loopback
+from protocol.proto import ingest_pb2 as pb
+from protocol.proto import ingest_pb2_grpc as pb_grpc
 
 log = logging.getLogger("orchestrator.serve")
 MAX_IMAGES_PER_REQUEST = 256
 
 
-class QueryError(ValueError):
-    pass
-
-
 class Predictor:
     def __init__(self, checkpoint: Path) -> None:
-        payload = load_checkpoint(checkpoint)
+        data = load_checkpoint(checkpoint)
         self.checkpoint = Path(checkpoint)
-        self.model = model_from_checkpoint(payload)
-        self.classes: list[str] = payload["classes"]
-        self.geometry = Geometry(**payload["geometry"])
-        self.key_ids: list[str] = payload["key_ids"]
-        self.model_name: str = payload["model"]
-        self.strategy: str = payload["strategy"]
-        self.settings = TrainingConfig(precision=payload["training"]["precision"])
+        self.model = model_from_checkpoint(data)
+        self.task = task_of(data)
+        self.classes: list[str] = data["classes"]
+        self.key_ids: list[str] = data["key_ids"]
+        self.model_name: str = data["model"]
+        self.strategy: str = data["strategy"]
+        self.settings = TrainSettings.from_dict(data["training"])
 
     def predict(self, encoded: list[bytes], key_id: str | None) -> np.ndarray:
         """Probabilities (N, classes) for encoded images encrypted under ``key_id``."""
         if not encoded:
-            raise QueryError("no images in the request")
+            raise InvalidRequest("no images in the request")
         if len(encoded) > MAX_IMAGES_PER_REQUEST:
-            raise QueryError(f"at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(encoded)}")
-        if self.geometry.scheme != "plain" and key_id not in self.key_ids:
-            raise QueryError(f"this model was not trained on key id {key_id or '(none)'}; it knows "
-                             f"{', '.join(self.key_ids)}: its answers for other keys would be noise")
-        expected = self.geometry.shape + ((3,) if self.geometry.in_chans == 3 else ())
+            raise InvalidRequest(f"at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(encoded)}")
+        if self.task.encrypted and key_id not in self.key_ids:
+            raise ModelNotTrainedForKey(f"this model was not trained on key id {key_id or '(none)'}; it knows "
+                                        f"{', '.join(self.key_ids)}: its answers for other keys would be noise")
+        batch = self._decode_batch(encoded)
+        key_index = torch.full((len(batch),), self.model.key_index(key_id), dtype=torch.long)
+        logits = predict_logits(self.model, torch.from_numpy(batch), self.settings, torch.device("cpu"), key_index)
+        return torch.softmax(logits, dim=1).numpy()
+
+    def _decode_batch(self, encoded: list[bytes]) -> np.ndarray:
+        """Encoded images -> uint8 (N, C, H, W), each checked against the model's input shape."""
+        shape = self.task.model_input
+        expected = shape.shape + ((3,) if shape.in_chans == 3 else ())
         arrays = []
         for i, data in enumerate(encoded):
             try:
                 arr = decode(data)
             except Exception as exc:  # noqa: BLE001 - any undecodable input is the caller's error
-                raise QueryError(f"image {i}: cannot decode ({type(exc).__name__})") from None
+                raise InvalidRequest(f"image {i}: cannot decode ({type(exc).__name__})") from None
             if arr.shape != expected:
-                raise QueryError(f"image {i}: shape {arr.shape}, the model expects {expected}")
+                raise InvalidRequest(f"image {i}: shape {arr.shape}, the model expects {expected}")
             arrays.append(arr)
         batch = np.stack(arrays)
-        batch = batch[:, None] if batch.ndim == 3 else batch.transpose(0, 3, 1, 2)
-        key_index = None
-        if isinstance(self.model, KeyedModel):  # route every image through its key's adapter
-            key_index = torch.full((len(batch),), self.model.key_index(key_id), dtype=torch.long)
-        logits = predict_logits(self.model, torch.from_numpy(np.ascontiguousarray(batch)), self.settings,
-                                torch.device("cpu"), key_index)
-        return torch.softmax(logits, dim=1).numpy()
+        return np.ascontiguousarray(batch[:, None] if batch.ndim == 3 else batch.transpose(0, 3, 1, 2))
 
 
 class PredictorServicer(pb_grpc.PredictorServicer):
-    def __init__(self, predictor: Predictor, task: pb.Task, auth: TokenAuth) -> None:
-        self.predictor, self.task, self.auth = predictor, task, auth
+    def __init__(self, predictor: Predictor, run_name: str, auth: TokenAuth) -> None:
+        self.predictor, self.run_name, self.auth = predictor, run_name, auth
 
     def GetModelInfo(self, request, context):
         owner = self.auth.owner(context)
-        task = pb.Task()
-        task.CopyFrom(self.task)
-        task.owner_id = owner
         p = self.predictor
-        return pb.ModelInfo(task=task, model=p.model_name, strategy=p.strategy, key_ids=p.key_ids, owner_id=owner)
+        return pb.ModelInfo(task=p.task.to_pb(pb, self.run_name, owner), model=p.model_name, strategy=p.strategy,
+                            key_ids=p.key_ids, owner_id=owner)
 
     def Predict(self, request, context):
         owner = self.auth.owner(context)
         try:
             probs = self.predictor.predict(list(request.images), request.key_id or None)
-        except QueryError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT if "not trained" not in str(exc)
-                          else grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except Refused as exc:
+            rpc.abort(context, exc)
         log.info("owner %s: %d predictions", owner, len(probs))
         return pb.PredictReply(predictions=[pb.Prediction(probabilities=row.tolist(), label=int(row.argmax()))
                                             for row in probs])
@@ -110,13 +109,10 @@ def start_serving(cfg: ClusterConfig, checkpoint: Path, listen: str | None = Non
     if cfg.ingest.tls is None and not (cfg.ingest.insecure_loopback and is_loopback(listen)):
         raise ConfigError("serve.listen: refusing to accept tokens without TLS off loopback")
     predictor = Predictor(checkpoint)
-    t = cfg.task
-    task = pb.Task(run_name=cfg.name, classes=list(t.classes), image_size=t.image_size, block_size=t.block_size,
-                   scheme=t.scheme, format=t.format, quality=t.quality, chroma=t.chroma)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     pb_grpc.add_PredictorServicer_to_server(
-        PredictorServicer(predictor, task, TokenAuth({o.id: o.token_sha256 for o in cfg.ingest.owners})), server)
-    port = bind(server, listen, cfg.ingest.tls, "serve.listen")
+        PredictorServicer(predictor, cfg.name, TokenAuth({o.id: o.token_sha256 for o in cfg.ingest.owners})), server)
+    port = rpc.bind(server, listen, cfg.ingest.tls, "serve.listen")
     server.start()
     log.info("prediction service on %s:%d (model %s, checkpoint %s)", listen.rpartition(":")[0], port,
              predictor.model_name, checkpoint)

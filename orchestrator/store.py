@@ -24,7 +24,9 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from owners.shards import Manifest  # the shared file format; no key material
+from orchestrator.errors import Busy, DataCorrupted, InvalidRequest, NotFound, StorageUnavailable, WrongState
+from protocol.shards import Manifest, ManifestError
+from protocol.task import Task
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS key_domains (
@@ -40,14 +42,6 @@ CREATE TABLE IF NOT EXISTS objects (sha256 TEXT PRIMARY KEY, size INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS owner_objects (
     owner TEXT NOT NULL, sha256 TEXT NOT NULL REFERENCES objects(sha256), PRIMARY KEY (owner, sha256));
 """
-
-
-class StoreError(Exception):
-    """A refused request. ``kind`` maps to a gRPC status in the servicer."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind  # not_found | failed_precondition | invalid_argument | data_loss | busy
 
 
 @dataclass(frozen=True)
@@ -70,21 +64,8 @@ class DatasetState:
     images: int
 
 
-@dataclass(frozen=True)
-class TaskSpec:
-    """What every dataset must match (the config's task, without transport concerns)."""
-
-    classes: tuple[str, ...]
-    image_size: int
-    block_size: int
-    scheme: str
-    format: str
-    quality: int
-    chroma: str
-
-
 class ShardStore:
-    def __init__(self, root: Path, task: TaskSpec, max_shard_bytes: int = 1 << 30) -> None:
+    def __init__(self, root: Path, task: Task, max_shard_bytes: int = 1 << 30) -> None:
         self.root = Path(root)
         self.task = task
         self.max_shard_bytes = max_shard_bytes
@@ -133,18 +114,17 @@ class ShardStore:
             expected["codec.chroma"] = (m.codec.get("chroma"), t.chroma)
         for name, (got, want) in expected.items():
             if got != want:
-                raise StoreError("failed_precondition",
-                                 f"manifest {name} is {got!r} but the task says {want!r}: re-encrypt for this task")
+                raise WrongState(f"manifest {name} is {got!r} but the task says {want!r}: re-encrypt for this task")
         for shard in m.shards:
             if shard.bytes > self.max_shard_bytes:
-                raise StoreError("invalid_argument", f"{shard.name} is {shard.bytes} bytes, over the "
+                raise InvalidRequest(f"{shard.name} is {shard.bytes} bytes, over the "
                                                      f"{self.max_shard_bytes}-byte limit")
 
     def open_dataset(self, owner: str, manifest_json: bytes, new_key_domain: bool = False) -> DatasetState:
         try:
             manifest = Manifest.parse(manifest_json, "manifest.json")
-        except ValueError as exc:
-            raise StoreError("invalid_argument", str(exc)) from None
+        except ManifestError as exc:
+            raise InvalidRequest(str(exc)) from None
         self._check_task(manifest)
         dataset_id = hashlib.sha256(owner.encode() + b"\0" + manifest_json).hexdigest()
         with self._db_lock:
@@ -154,9 +134,7 @@ class ShardStore:
                 if manifest.key_id is not None:
                     known = [r[0] for r in db.execute("SELECT key_id FROM key_domains WHERE owner = ?", (owner,))]
                     if known and manifest.key_id not in known and not new_key_domain:
-                        raise StoreError(
-                            "failed_precondition",
-                            f"owner {owner} uploaded before with key id {', '.join(known)}; this data has key id "
+                        raise WrongState(f"owner {owner} uploaded before with key id {', '.join(known)}; this data has key id "
                             f"{manifest.key_id}. A model trained on one cannot classify the other. If you meant "
                             "to start a new key domain, rerun with --new-key-domain")
                     db.execute("INSERT OR IGNORE INTO key_domains VALUES (?, ?, ?)", (owner, manifest.key_id, time.time()))
@@ -176,7 +154,7 @@ class ShardStore:
     def dataset_state(self, owner: str, dataset_id: str) -> DatasetState:
         row = self._query("SELECT owner, split, key_id, committed, images FROM datasets WHERE id = ?", (dataset_id,))
         if not row or row[0][0] != owner:  # another owner's dataset looks exactly like a missing one
-            raise StoreError("not_found", f"no dataset {dataset_id} for owner {owner}: open it first")
+            raise NotFound(f"no dataset {dataset_id} for owner {owner}: open it first")
         _, split, key_id, committed, images = row[0]
         shards = []
         for name, sha, size in self._query(
@@ -191,7 +169,7 @@ class ShardStore:
         state = self.dataset_state(owner, dataset_id)
         missing = [s.name for s in state.shards if not s.stored]
         if missing:
-            raise StoreError("failed_precondition", f"cannot commit: {len(missing)} shard(s) not uploaded yet "
+            raise WrongState(f"cannot commit: {len(missing)} shard(s) not uploaded yet "
                                                     f"({', '.join(missing[:5])})")
         self._query("UPDATE datasets SET committed = 1 WHERE id = ?", (dataset_id,))
         return self.dataset_state(owner, dataset_id)
@@ -202,12 +180,12 @@ class ShardStore:
         rows = self._query("SELECT d.owner, s.size FROM dataset_shards s JOIN datasets d ON d.id = s.dataset_id "
                            "WHERE s.dataset_id = ? AND s.sha256 = ?", (dataset_id, sha256))
         if not rows or rows[0][0] != owner:
-            raise StoreError("not_found", f"shard {sha256[:12]}... is not part of dataset {dataset_id} of {owner}")
+            raise NotFound(f"shard {sha256[:12]}... is not part of dataset {dataset_id} of {owner}")
         size = rows[0][1]
         key = (owner, sha256)
         with self._uploads_lock:
             if key in self._uploads_in_progress:
-                raise StoreError("busy", f"another upload of shard {sha256[:12]}... is in progress")
+                raise Busy(f"another upload of shard {sha256[:12]}... is in progress")
             self._uploads_in_progress.add(key)
         try:
             return ShardUpload(self, owner, sha256, size, offset)
@@ -277,7 +255,7 @@ class _ChunkWriter(threading.Thread):
 
     def _raise(self) -> None:
         if self.error is not None:
-            raise StoreError("unavailable", f"the server could not write the shard: {self.error.strerror}")
+            raise StorageUnavailable(f"the server could not write the shard: {self.error.strerror}")
 
 
 class ShardUpload:
@@ -289,7 +267,7 @@ class ShardUpload:
         self.stored = store._is_stored(owner, sha256)
         held = size if self.stored else (self.partial.stat().st_size if self.partial.exists() else 0)
         if offset != held:
-            raise StoreError("failed_precondition", f"upload starts at byte {offset} but the server holds {held} "
+            raise WrongState(f"upload starts at byte {offset} but the server holds {held} "
                                                     f"bytes of this shard; resume from {held}")
         self.received = held
         self._writer: _ChunkWriter | None = None
@@ -301,11 +279,11 @@ class ShardUpload:
 
     def write(self, data: bytes, data_crc32: int) -> None:
         if self.stored:
-            raise StoreError("failed_precondition", "shard already stored; nothing more to send")
+            raise WrongState("shard already stored; nothing more to send")
         if zlib.crc32(data) != data_crc32:
-            raise StoreError("data_loss", f"chunk at byte {self.received} does not match its CRC-32; not stored")
+            raise DataCorrupted(f"chunk at byte {self.received} does not match its CRC-32; not stored")
         if self.received + len(data) > self.size:
-            raise StoreError("invalid_argument", f"chunk at byte {self.received} runs past the shard's "
+            raise InvalidRequest(f"chunk at byte {self.received} runs past the shard's "
                                                  f"{self.size} bytes")
         if self._writer is None:
             self.partial.parent.mkdir(parents=True, exist_ok=True)
@@ -322,7 +300,7 @@ class ShardUpload:
             if not self.stored and self.received == self.size:
                 if self._digest.hexdigest() != self.sha256:
                     self.partial.unlink()
-                    raise StoreError("data_loss", f"shard {self.sha256[:12]}... arrived complete but its sha256 "
+                    raise DataCorrupted(f"shard {self.sha256[:12]}... arrived complete but its sha256 "
                                                   "does not match; discarded, upload it again")
                 self.store._store_object(self.owner, self.partial, self.sha256, self.size)
                 self.stored = True
@@ -336,6 +314,6 @@ class ShardUpload:
             writer, self._writer = self._writer, None
             try:
                 writer.close(sync=False)
-            except StoreError:
+            except StorageUnavailable:
                 pass  # the stream is already failing; the partial file is what the disk took
         self.store._end_upload((self.owner, self.sha256))

@@ -15,24 +15,12 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from owners.encrypt import LOCAL_DIR, EncryptSettings, encrypt_folder
+from owners.errors import TaskMismatch
 from owners.images import scan_image_folder
 from owners.keys import OwnerKey, keyring_dir
-from owners.prepare import LOCAL_DIR, EncryptSettings, encrypt_folder
-from owners.shards import MANIFEST_NAME, Codec, atomic_write
 from owners.upload import Connection, IngestClient, upload_outbox
-
-
-def settings_for_task(task, split: str, shard_images: int = 10_000) -> EncryptSettings:
-    """The encryption settings a task (from the server) asks for."""
-    return EncryptSettings(
-        shard_images=shard_images,
-        image_size=task.image_size,
-        block_size=task.block_size,
-        scheme=task.scheme,
-        codec=Codec(task.format, task.quality, task.chroma),
-        split=split,
-        classes=tuple(task.classes),
-    )
+from protocol.shards import MANIFEST_NAME, atomic_write
 
 
 def default_outbox(server: str, run_name: str, owner_id: str, split: str, key_id: str | None) -> Path:
@@ -45,14 +33,16 @@ def source_fingerprint(data: Path, settings: EncryptSettings, key_id: str | None
     h = hashlib.sha256()
     h.update(json.dumps({"settings": asdict(settings), "key_id": key_id, "data": str(Path(data).resolve())},
                         sort_keys=True).encode())
-    for item in scan_image_folder(data, settings.classes).images:
+    for item in scan_image_folder(data, settings.task.classes if settings.task else None).images:
         st = item.path.stat()
         h.update(f"{item.relpath}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
-def prepare_outbox(data: Path, outbox: Path, key: OwnerKey | None, settings: EncryptSettings,
-                   progress: bool | None, log=print) -> None:
+def encrypt_unless_current(data: Path, outbox: Path, key: OwnerKey | None, settings: EncryptSettings,
+                           progress: bool | None, log=print) -> None:
+    """Encrypt ``data`` into ``outbox``, unless the outbox already holds exactly that (same files,
+    task and key): a rerun after a crash goes straight on to the upload."""
     fingerprint = source_fingerprint(data, settings, None if key is None else key.key_id)
     marker = outbox / LOCAL_DIR / "source.json"
     if (outbox / MANIFEST_NAME).exists() and marker.exists():
@@ -73,18 +63,18 @@ def run_agent(key: OwnerKey | None, data: Path, conn: Connection, split: str, ou
 
     client = IngestClient(conn, log)
     try:
-        task = client.get_task()
-        if (task.scheme == "plain") != (key is None):
-            raise ValueError(f"the server's task uses scheme {task.scheme!r}: "
-                             + ("use --plain (no key)" if task.scheme == "plain" else "a --key is required"))
-        settings = settings_for_task(task, split, shard_images)
-        log(f"task {task.run_name!r}: {len(task.classes)} classes, {task.image_size}x{task.image_size}, "
-            f"{task.scheme} (block {task.block_size}), {task.format}; you are {task.owner_id!r}")
-        outbox = outbox or default_outbox(conn.server, task.run_name, task.owner_id, split,
+        offer = client.get_task()
+        task = offer.task
+        if task.encrypted != (key is not None):
+            raise TaskMismatch(f"the server's task uses scheme {task.scheme!r}: "
+                               + ("a --key is required" if task.encrypted else "use --plain (no key)"))
+        settings = EncryptSettings(task=task, split=split, shard_images=shard_images)
+        log(f"{offer.describe()}, {task.format}")
+        outbox = outbox or default_outbox(conn.server, offer.run_name, offer.owner_id, split,
                                           None if key is None else key.key_id)
         outbox.mkdir(parents=True, exist_ok=True)
         os.chmod(outbox, 0o700)
-        prepare_outbox(data, outbox, key, settings, progress, log)
+        encrypt_unless_current(data, outbox, key, settings, progress, log)
         state = upload_outbox(outbox, client, new_key_domain, progress)
     finally:
         client.close()

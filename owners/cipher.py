@@ -1,7 +1,7 @@
 """Block-wise Encryption-then-Compression (EtC): colour and grayscale-based schemes.
 
 The image is cut into M x M blocks, numbered row-major, and four key-driven steps are applied
-(DESIGN section 2). Every step is indexed by the *output* block position:
+(``docs/design.md`` gives the exact definition). Every step is indexed by the *output* block position:
 
 1. block scrambling:   output block i is input block ``source[i]``;
 2. rotation and flip:  code t in 0..7, rotate (t mod 4) quarter turns counter-clockwise
@@ -27,22 +27,23 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from owners.errors import OwnerError
 from owners.keys import KeyStream
+from protocol.task import DEFAULT_BLOCK, ENCRYPTED_SCHEMES, Task
 
-SCHEMES = ("color", "gray")
-DEFAULT_BLOCK = {"color": 16, "gray": 8}
+SCHEMES = ENCRYPTED_SCHEMES
 # The 6 orders of (R, G, B); output channel c takes input channel order[c].
 CHANNEL_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 NUM_TRANSFORMS = 8  # 4 rotations x {no flip, flip}
 SCHEDULE_VERSION = "v1"  # part of every key-stream label: changing the derivation bumps it
 
 
-class GeometryError(ValueError):
+class GeometryError(OwnerError, ValueError):
     """Image size, block size or scheme do not fit together."""
 
 
 @dataclass(frozen=True)
-class Geometry:
+class CipherGeometry:
     """What a key is compiled for: image size (pixels), block size (pixels), scheme."""
 
     height: int
@@ -60,6 +61,11 @@ class Geometry:
                 raise GeometryError(
                     f"image {name} {size} is not a multiple of the block size {self.block}"
                 )
+
+    @classmethod
+    def for_task(cls, task: Task) -> CipherGeometry:
+        """The cipher geometry of an encrypted task (square images)."""
+        return cls(task.image_size, task.image_size, task.block_size, task.scheme)
 
     @property
     def plane_shape(self) -> tuple[int, int, int]:
@@ -89,12 +95,12 @@ class BlockSchedule:
     channel_order: np.ndarray | None  # int in 0..5 (colour scheme only)
 
 
-def _label(geometry: Geometry, step: str) -> str:
+def _label(geometry: CipherGeometry, step: str) -> str:
     g = geometry
     return f"etc/{SCHEDULE_VERSION}/{g.scheme}/{g.height}x{g.width}/block{g.block}/{step}"
 
 
-def derive_schedule(secret: bytes, geometry: Geometry) -> BlockSchedule:
+def derive_schedule(secret: bytes, geometry: CipherGeometry) -> BlockSchedule:
     """Derive the block schedule from the secret with an HMAC counter stream (stable forever)."""
     n = geometry.num_blocks
 
@@ -264,7 +270,7 @@ class BlockCipher:
     rounding).
     """
 
-    def __init__(self, secret: bytes, geometry: Geometry) -> None:
+    def __init__(self, secret: bytes, geometry: CipherGeometry) -> None:
         self.geometry = geometry
         self.schedule = derive_schedule(secret, geometry)
         shape = geometry.plane_shape

@@ -1,7 +1,8 @@
 """``owner-agent``: the data owner's command. Thin: parse, call, print.
 
 Keys are named with ``--key NAME`` (a keyring name or a key file path); the secret itself is
-never accepted on the command line.
+never accepted on the command line. Errors the owner can act on are printed as one line, chosen
+by type (``owners/errors.py``, and the shared format's ManifestError and TaskError).
 """
 from __future__ import annotations
 
@@ -9,18 +10,24 @@ import argparse
 import getpass
 import json
 import sys
+import warnings
 from pathlib import Path
 
+from PIL import Image
+
 from owners import __version__
-from owners.cipher import DEFAULT_BLOCK, SCHEMES, Geometry, GeometryError
+from owners.cipher import SCHEMES, CipherGeometry
+from owners.errors import OwnerError
 from owners.keys import (
     KeyringError, announce_new_key, create_key, derive_from_passphrase, keyring_dir, list_keys,
     resolve_key,
 )
-from owners.prepare import EncryptSettings, TooManyBadFiles, encrypt_folder
-from owners.restore import decrypt_folder, make_preview
-from owners.shards import CHROMA_SUBSAMPLING, CODECS, Codec
-from owners.upload import Connection, UploadError, read_token
+from owners.upload import Connection, read_token
+from protocol.codec import CHROMA_SUBSAMPLING, CODECS, Codec
+from protocol.shards import ManifestError
+from protocol.task import DEFAULT_BLOCK, Task, TaskError
+
+KEY_HELP = "key name in the keyring (created on first use) or path of a key file; never the secret"
 
 
 def _key(spec: str, create: bool):
@@ -30,57 +37,58 @@ def _key(spec: str, create: bool):
     return key
 
 
-def _add_geometry(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", type=int, default=32, help="image side in pixels after resize/crop (default 32)")
-    p.add_argument("--block", type=int, default=None, help="EtC block size in pixels (default: 16 colour, 8 gray)")
-    p.add_argument("--scheme", choices=SCHEMES, default="color", help="colour EtC or grayscale-based EtC")
+def _key_or_plain(args: argparse.Namespace, create: bool, what: str):
+    if args.plain == bool(args.key):
+        raise SystemExit(f"owner-agent {args.command}: give --key NAME, or --plain for {what} (not both)")
+    return None if args.plain else _key(args.key, create=create)
 
 
-def _add_codec(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", choices=CODECS, default="jpeg", help="stored image codec (default jpeg)")
-    p.add_argument("--quality", type=int, default=85, help="JPEG quality 1-100 (default 85)")
-    p.add_argument("--chroma", choices=tuple(CHROMA_SUBSAMPLING), default="420",
-                   help="JPEG chroma subsampling of colour images (default 420)")
+def _connection(args: argparse.Namespace, **extra) -> Connection:
+    return Connection(server=args.server, token=read_token(args.token_file),
+                      ca_file=Path(args.ca_file) if args.ca_file else None,
+                      client_cert=Path(args.client_cert) if args.client_cert else None,
+                      client_key=Path(args.client_key) if args.client_key else None,
+                      insecure=args.insecure, **extra)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- commands
 
 
 def cmd_encrypt(args: argparse.Namespace) -> int:
-    if args.plain == bool(args.key):
-        raise SystemExit("owner-agent encrypt: give --key NAME, or --plain for an unencrypted baseline (not both)")
-    scheme = "plain" if args.plain else args.scheme
-    settings = EncryptSettings(
-        image_size=args.size,
-        block_size=args.block or DEFAULT_BLOCK.get(args.scheme, 16),
-        scheme=scheme,
-        codec=Codec(args.format, args.quality, args.chroma),
-        split=args.split,
-        classes=tuple(c.strip() for c in args.classes.split(",")) if args.classes else None,
-        shard_images=args.shard_images,
-        max_bad_fraction=args.max_bad_fraction,
-    )
-    key = None if args.plain else _key(args.key, create=True)
+    from owners.encrypt import EncryptSettings, encrypt_folder
+
+    key = _key_or_plain(args, create=True, what="an unencrypted baseline")
+    settings = EncryptSettings(task=_task_from_flags(args), split=args.split, shard_images=args.shard_images,
+                               max_bad_fraction=args.max_bad_fraction)
     summary = encrypt_folder(Path(args.data), Path(args.out), key, settings, overwrite=args.overwrite,
                              progress=False if args.no_progress else None)
-    print(summary.line(), file=sys.stderr)
+    _log(summary.line())
     if summary.skipped or summary.duplicates:
-        print(f"warning: {summary.skipped + summary.duplicates} file(s) not used; reasons in "
-              f"{Path(args.out) / 'local' / 'report.json'}", file=sys.stderr)
-    print(f"outbox ready: {args.out} (manifest.json + shards; 'local/' stays on this machine)", file=sys.stderr)
+        _log(f"warning: {summary.skipped + summary.duplicates} file(s) not used; reasons in "
+             f"{Path(args.out) / 'local' / 'report.json'}")
+    _log(f"outbox ready: {args.out} (manifest.json + shards; 'local/' stays on this machine)")
     return 0
+
+
+def _task_from_flags(args: argparse.Namespace) -> Task:
+    """The task ``owner-agent encrypt`` produces; classes default to the folder's, sorted."""
+    from owners.images import scan_image_folder
+
+    classes = (tuple(c.strip() for c in args.classes.split(",")) if args.classes
+               else scan_image_folder(Path(args.data)).classes)
+    return Task(classes, args.size, args.block or DEFAULT_BLOCK.get(args.scheme, 16),
+                "plain" if args.plain else args.scheme, args.format, args.quality, args.chroma)
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
     from owners.agent import run_agent  # grpc is only needed here
 
-    if args.plain == bool(args.key):
-        raise SystemExit("owner-agent: give --key NAME, or --plain for an unencrypted baseline (not both)")
-    key = None if args.plain else _key(args.key, create=True)
-    conn = Connection(
-        server=args.server, token=read_token(args.token_file),
-        ca_file=Path(args.ca_file) if args.ca_file else None,
-        client_cert=Path(args.client_cert) if args.client_cert else None,
-        client_key=Path(args.client_key) if args.client_key else None,
-        insecure=args.insecure, retries=args.retries, max_rate=args.max_rate,
-    )
+    key = _key_or_plain(args, create=True, what="an unencrypted baseline")
+    conn = _connection(args, retries=args.retries, max_rate=args.max_rate)
     summary = run_agent(key, Path(args.data), conn, args.split, Path(args.outbox) if args.outbox else None,
                         args.new_key_domain, progress=False if args.no_progress else None,
                         shard_images=args.shard_images)
@@ -91,15 +99,9 @@ def cmd_upload(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from owners.predict import predict_images
 
-    if args.plain == bool(args.key):
-        raise SystemExit("owner-agent predict: give --key NAME, or --plain for a plain model (not both)")
-    key = None if args.plain else _key(args.key, create=False)
-    conn = Connection(server=args.server, token=read_token(args.token_file),
-                      ca_file=Path(args.ca_file) if args.ca_file else None,
-                      client_cert=Path(args.client_cert) if args.client_cert else None,
-                      client_key=Path(args.client_key) if args.client_key else None, insecure=args.insecure)
+    key = _key_or_plain(args, create=False, what="a plain model")
     failed = 0
-    for result in predict_images(key, [Path(p) for p in args.images], conn, top=args.top):
+    for result in predict_images(key, [Path(p) for p in args.images], _connection(args), top=args.top):
         if result.error:
             failed += 1
             print(f"{result.path}\terror: {result.error}")
@@ -110,38 +112,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_federate(args: argparse.Namespace) -> int:
     from owners.federate import prepare_federation, run_supernode
+    from protocol.net import is_loopback
 
     key = _key(args.key, create=False)
-    conn = Connection(server=args.server, token=read_token(args.token_file),
-                      ca_file=Path(args.ca_file) if args.ca_file else None,
-                      client_cert=Path(args.client_cert) if args.client_cert else None,
-                      client_key=Path(args.client_key) if args.client_key else None, insecure=args.insecure)
-    host = args.flower.rpartition(":")[0].strip("[]")
-    if args.insecure and host not in ("127.0.0.1", "localhost", "::1"):
+    conn = _connection(args)
+    if args.insecure and not is_loopback(args.flower):
         raise SystemExit("owner-agent federate: --insecure is only allowed towards a loopback address")
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     config = prepare_federation(args.key, key, Path(args.data), Path(args.test_data) if args.test_data else None,
-                                conn, args.adapter_init, False if args.no_progress else None, log)
-    return run_supernode(args.flower, config, Path(args.ca_file) if args.ca_file else None, args.insecure, log)
+                                conn, args.adapter_init, False if args.no_progress else None, _log)
+    return run_supernode(args.flower, config, Path(args.ca_file) if args.ca_file else None, args.insecure, _log)
 
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
+    from owners.decrypt import decrypt_folder
+
     key = _key(args.key, create=False) if args.key else None
     n = decrypt_folder(Path(args.shards), Path(args.out), key)
-    print(f"{n} images decrypted into {args.out}", file=sys.stderr)
+    _log(f"{n} images decrypted into {args.out}")
     return 0
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
+    from owners.preview import make_preview
+
+    geometry = CipherGeometry(args.size, args.size, args.block or DEFAULT_BLOCK[args.scheme], args.scheme)
     key = _key(args.key, create=True)
-    geometry = Geometry(args.size, args.size, args.block or DEFAULT_BLOCK[args.scheme], args.scheme)
-    n = make_preview(Path(args.data), Path(args.out), key, geometry,
-                     Codec(args.format, args.quality, args.chroma), count=args.count)
-    print(f"preview of {n} images (plain | encrypted as uploaded | decrypted) written to {args.out}",
-          file=sys.stderr)
+    n = make_preview(Path(args.data), Path(args.out), key, geometry, Codec(args.format, args.quality, args.chroma),
+                     count=args.count)
+    _log(f"preview of {n} images (plain | encrypted as uploaded | decrypted) written to {args.out}")
     return 0
 
 
@@ -174,43 +172,57 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     keys = list_keys()
     if not keys:
-        print(f"no keys in {keyring_dir()}", file=sys.stderr)
+        _log(f"no keys in {keyring_dir()}")
     for key in keys:
         print(f"{key.name}\t{key.key_id}\t{key.path}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="owner-agent",
-        description="Encrypt images locally with your own key (block-wise EtC) for training in an untrusted cloud.",
-    )
-    parser.add_argument("--version", action="version", version=f"owner-agent {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    key_help = "key name in the keyring (created on first use) or path of a key file; never the secret"
+# --------------------------------------------------------------------------- the parser
 
+
+def _add_geometry(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", type=int, default=32, help="image side in pixels after resize/crop (default 32)")
+    p.add_argument("--block", type=int, default=None, help="EtC block size in pixels (default: 16 colour, 8 gray)")
+    p.add_argument("--scheme", choices=SCHEMES, default="color", help="colour EtC or grayscale-based EtC")
+
+
+def _add_codec(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=CODECS, default="jpeg", help="stored image codec (default jpeg)")
+    p.add_argument("--quality", type=int, default=85, help="JPEG quality 1-100 (default 85)")
+    p.add_argument("--chroma", choices=tuple(CHROMA_SUBSAMPLING), default="420",
+                   help="JPEG chroma subsampling of colour images (default 420)")
+
+
+def _add_connection(p: argparse.ArgumentParser, server_help: str) -> None:
+    p.add_argument("--server", required=True, help=server_help)
+    p.add_argument("--token-file", help="file holding your token (mode 0600); or set $OWNER_AGENT_TOKEN")
+    p.add_argument("--ca-file", help="CA certificate (PEM) that signed the server's certificate")
+    p.add_argument("--client-cert", help="your client certificate (PEM), for mutual TLS")
+    p.add_argument("--client-key", help="your client certificate's private key (PEM)")
+    p.add_argument("--insecure", action="store_true", help="plaintext gRPC; only to a loopback address")
+
+
+def _add_upload(sub) -> None:
     p = sub.add_parser("upload", help="fetch the task, encrypt DIR and upload it (the default command)")
-    p.add_argument("--key", help=key_help)
+    p.add_argument("--key", help=KEY_HELP)
     p.add_argument("--data", required=True, help="image folder laid out as DIR/<class>/<image>")
-    p.add_argument("--server", required=True, help="ingest service HOST:PORT")
-    p.add_argument("--token-file", help="file holding your upload token (mode 0600); or set $OWNER_AGENT_TOKEN")
+    _add_connection(p, "ingest service HOST:PORT")
     p.add_argument("--split", choices=("train", "test"), default="train")
     p.add_argument("--plain", action="store_true", help="upload without encryption (plain baseline tasks)")
     p.add_argument("--outbox", help="where to keep the encrypted shards (default: under $OWNER_AGENT_HOME/outbox)")
     p.add_argument("--new-key-domain", action="store_true",
                    help="accept that this key differs from the one you uploaded with before")
-    p.add_argument("--ca-file", help="CA certificate (PEM) that signed the server's certificate")
-    p.add_argument("--client-cert", help="your client certificate (PEM), for mutual TLS")
-    p.add_argument("--client-key", help="your client certificate's private key (PEM)")
-    p.add_argument("--insecure", action="store_true", help="plaintext gRPC; only to a loopback address")
     p.add_argument("--retries", type=int, default=8, help="attempts per step on transient failures (default 8)")
     p.add_argument("--max-rate", type=float, help="upload bandwidth cap in bytes/s (default: none)")
     p.add_argument("--shard-images", type=int, default=10_000, help="images per shard (default 10000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_upload)
 
+
+def _add_encrypt(sub) -> None:
     p = sub.add_parser("encrypt", help="encrypt an image folder into shards (an outbox)")
-    p.add_argument("--key", help=key_help)
+    p.add_argument("--key", help=KEY_HELP)
     p.add_argument("--data", required=True, help="image folder laid out as DIR/<class>/<image>")
     p.add_argument("--out", required=True, help="outbox folder to write shards and manifest.json into")
     _add_geometry(p)
@@ -225,43 +237,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_encrypt)
 
+
+def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="classify images: encrypt locally, send to the prediction service")
     p.add_argument("--key", help="key name or key file (never created here)")
     p.add_argument("--plain", action="store_true", help="the model was trained on plain images")
-    p.add_argument("--server", required=True, help="prediction service HOST:PORT (serve.listen)")
-    p.add_argument("--token-file", help="file holding your token (mode 0600); or set $OWNER_AGENT_TOKEN")
+    _add_connection(p, "prediction service HOST:PORT (serve.listen)")
     p.add_argument("--top", type=int, default=3, help="classes to print per image (default 3)")
-    p.add_argument("--ca-file")
-    p.add_argument("--client-cert")
-    p.add_argument("--client-key")
-    p.add_argument("--insecure", action="store_true", help="plaintext gRPC; only to a loopback address")
     p.add_argument("images", nargs="+", help="image files")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_federate(sub) -> None:
     p = sub.add_parser("federate", help="join a federated training: your data and your adapter stay here")
     p.add_argument("--key", required=True, help="key name or key file (never created here)")
     p.add_argument("--data", required=True, help="training images, DIR/<class>/<image>")
     p.add_argument("--test-data", help="test images evaluated each round (optional)")
-    p.add_argument("--server", required=True, help="ingest service HOST:PORT (for the task and your token)")
-    p.add_argument("--token-file", help="file holding your token (mode 0600); or set $OWNER_AGENT_TOKEN")
+    _add_connection(p, "ingest service HOST:PORT (for the task and your token)")
     p.add_argument("--flower", required=True, help="the orchestrator's Flower server HOST:PORT (federated.listen)")
     p.add_argument("--adapter-init", choices=("key", "learned"), default="key",
                    help="start your private adapter at your key's exact inverse (default) or learn it")
-    p.add_argument("--ca-file")
-    p.add_argument("--client-cert")
-    p.add_argument("--client-key")
-    p.add_argument("--insecure", action="store_true", help="plaintext; only to a loopback address")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_federate)
 
+
+def _add_local_tools(sub) -> None:
     p = sub.add_parser("decrypt", help="decrypt shards back into DIR/<class>/<id>.png")
-    p.add_argument("--key", help=key_help + " (omit for --plain shards)")
+    p.add_argument("--key", help=KEY_HELP + " (omit for --plain shards)")
     p.add_argument("--shards", required=True, help="folder with manifest.json and shards")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_decrypt)
 
     p = sub.add_parser("preview", help="one PNG: plain, encrypted and decrypted images side by side")
-    p.add_argument("--key", required=True, help=key_help)
+    p.add_argument("--key", required=True, help=KEY_HELP)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--count", type=int, default=8, help="number of images (rows)")
@@ -269,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_codec(p)
     p.set_defaults(func=cmd_preview)
 
+
+def _add_keys(sub) -> None:
     p = sub.add_parser("keygen", help="create a key in the keyring (random, or from a passphrase)")
     p.add_argument("name")
     src = p.add_mutually_exclusive_group()
@@ -279,6 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keys", help="list keys in the keyring (names and key ids only)")
     p.set_defaults(func=cmd_keys)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="owner-agent",
+        description="Encrypt images locally with your own key (block-wise EtC) for training in an untrusted cloud.",
+    )
+    parser.add_argument("--version", action="version", version=f"owner-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_upload, _add_encrypt, _add_predict, _add_federate, _add_local_tools, _add_keys):
+        add(sub)
     return parser
 
 
@@ -287,9 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0].startswith("--") and argv[0] not in ("--help", "--version"):
         argv = ["upload", *argv]  # `owner-agent --key K --data D --server S` is the upload command
     args = build_parser().parse_args(argv)
+    # Images over Pillow's pixel limit are refused by load_rgb itself; Pillow's warning is noise.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
         return args.func(args)
-    except (KeyringError, GeometryError, TooManyBadFiles, FileExistsError, ValueError, UploadError) as exc:
+    except (OwnerError, ManifestError, TaskError) as exc:
         print(f"owner-agent {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

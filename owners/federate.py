@@ -13,29 +13,25 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from owners.agent import default_outbox, prepare_outbox, settings_for_task
+from owners.agent import default_outbox, encrypt_unless_current
+from owners.encrypt import EncryptSettings
+from owners.errors import OwnerError, TaskMismatch
 from owners.keys import OwnerKey, keyring_dir
 from owners.upload import Connection, IngestClient
+from protocol.net import free_port
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_config(values: dict[str, str]) -> str:
     """Flower's ``--node-config`` syntax: space-separated key="value" pairs."""
     for k, v in values.items():
         if '"' in v or "\\" in v:
-            raise ValueError(f"{k}: {v!r} contains a quote or backslash, which a node config cannot hold")
+            raise OwnerError(f"{k}: {v!r} contains a quote or backslash, which a node config cannot hold")
     return " ".join(f'{k}="{v}"' for k, v in values.items())
 
 
@@ -44,23 +40,22 @@ def prepare_federation(key_spec: str, key: OwnerKey, data: Path, test_data: Path
     """Fetch the task, encrypt the owner's splits; returns the SuperNode's node config."""
     client = IngestClient(conn, log)
     try:
-        task = client.get_task()
+        offer = client.get_task()
     finally:
         client.close()
-    if task.scheme == "plain":
-        raise ValueError("the server's task is plain: federated training here needs an encrypted scheme")
-    log(f"task {task.run_name!r}: {len(task.classes)} classes, {task.image_size}x{task.image_size}, {task.scheme} "
-        f"(block {task.block_size}); you are {task.owner_id!r}")
+    if not offer.task.encrypted:
+        raise TaskMismatch("the server's task is plain: federated training here needs an encrypted scheme")
+    log(offer.describe())
     config = {"key": key_spec, "adapter-init": adapter_init}
     for split, folder in (("train", data), ("test", test_data)):
         if folder is None:
             continue
-        outbox = default_outbox(conn.server, task.run_name, task.owner_id, split, key.key_id)
+        outbox = default_outbox(conn.server, offer.run_name, offer.owner_id, split, key.key_id)
         outbox.mkdir(parents=True, exist_ok=True)
         os.chmod(outbox, 0o700)
-        prepare_outbox(folder, outbox, key, settings_for_task(task, split), progress, log)
+        encrypt_unless_current(folder, outbox, key, EncryptSettings(task=offer.task, split=split), progress, log)
         config[split] = str(outbox)
-    state = keyring_dir().parent / "federated" / task.run_name / task.owner_id
+    state = keyring_dir().parent / "federated" / offer.run_name / offer.owner_id
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)
     config["state-dir"] = str(state)
@@ -71,10 +66,10 @@ def run_supernode(flower: str, config: dict[str, str], ca_file: Path | None, ins
     """Run the SuperNode in the foreground until it exits or Ctrl-C; returns its exit code."""
     security = ["--insecure"] if insecure else ["--root-certificates", str(ca_file)]
     if not insecure and ca_file is None:
-        raise ValueError("--ca-file is required for a TLS connection to the Flower server (or --insecure on loopback)")
+        raise OwnerError("--ca-file is required for a TLS connection to the Flower server (or --insecure on loopback)")
     cmd = [str(BIN / "flower-supernode"), *security, "--superlink", flower, "--port", str(free_port()),
            "--node-config", node_config(config)]
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "OWNER_AGENT_HOME": str(keyring_dir().parent),
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0",  # a privacy product sends no telemetry "OWNER_AGENT_HOME": str(keyring_dir().parent),
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # the SuperNode starts flower-superexec
     log(f"joining the federation at {flower}; adapter and data stay in {config['state-dir']} and your outbox. "
         "Ctrl-C leaves.")

@@ -8,25 +8,27 @@ report. Pillow's decompression-bomb limit stays on.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-# We refuse oversized images ourselves (see load_rgb); Pillow's warning would only be noise.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+from owners.errors import OwnerError
 
 # Formats we decode. Everything else (SVG, PDF, PSD, EPS, ...) is refused: a smaller attack
 # surface, and no format whose decoder shells out to another program.
 ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
 ALLOWED_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-ALPHA_BACKGROUND = (255, 255, 255)
-EXIF_ORIENTATION = 0x0112  # EXIF tag; values 2..8 mean the stored pixels must be flipped/rotated  # transparent pixels become white, as most viewers show them
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white, as most viewers show them
+EXIF_ORIENTATION = 0x0112  # EXIF tag; values 2..8 mean the stored pixels must be flipped/rotated
 
 
-class BadImage(Exception):
+class DataFolderError(OwnerError):
+    """The data folder is missing or not laid out as DIR/<class>/<image>."""
+
+
+class BadImage(OwnerError):
     """This file cannot be used; ``str(exc)`` is the reason shown in the report."""
 
 
@@ -48,22 +50,22 @@ def scan_image_folder(root: Path, classes: tuple[str, ...] | None = None) -> Sca
     """List ``root/<class>/**`` in a stable order.
 
     With ``classes`` (the task's list) every class folder must be one of them, else
-    ``ValueError`` naming the folder; without it the sorted folder names are the classes.
+    ``DataFolderError`` naming the folder; without it the sorted folder names are the classes.
     Hidden files and folders are ignored; files without an allowed suffix are reported.
     """
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"data folder {root} does not exist or is not a folder")
+        raise DataFolderError(f"data folder {root} does not exist or is not a folder")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     loose = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
     if not folders:
-        raise ValueError(f"data folder {root} has no class sub-folders (expected {root}/<class>/<image>)")
+        raise DataFolderError(f"data folder {root} has no class sub-folders (expected {root}/<class>/<image>)")
     if classes is None:
         classes = tuple(p.name for p in folders)
     else:
         unknown = [p.name for p in folders if p.name not in classes]
         if unknown:
-            raise ValueError(
+            raise DataFolderError(
                 f"class folder(s) {', '.join(unknown)} in {root} are not in the task's classes "
                 f"({', '.join(classes)})"
             )

@@ -23,21 +23,23 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SECRET_BYTES = 32  # 256-bit keys (DESIGN section 3)
+from owners.errors import OwnerError
+
+SECRET_BYTES = 32  # 256-bit keys (``docs/design.md``, key schedule)
 KEY_FILE_FORMAT = "etc-owner-key"
 KEY_FILE_VERSION = 1
 KEY_ID_LABEL = b"etc-owner-agent/key-id/v1"
 KEY_ID_HEX_CHARS = 16  # 64 bits: enough to group uploads by key, says nothing about the secret
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
-# scrypt cost for passphrase-derived keys (DESIGN section 3): 128 MiB of memory per derivation.
+# scrypt cost for passphrase-derived keys (``docs/design.md``, key schedule): 128 MiB of memory per derivation.
 SCRYPT_N = 2**17
 SCRYPT_R = 8
 SCRYPT_P = 1
 SCRYPT_MAXMEM = 256 * 1024 * 1024
 
 
-class KeyringError(Exception):
+class KeyringError(OwnerError):
     """A key cannot be found, read or trusted; the message says which file and why."""
 
 

@@ -10,13 +10,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from orchestrator.proto import ingest_pb2 as pb
-from orchestrator.proto import ingest_pb2_grpc as pb_grpc
-from owners.cipher import BlockCipher, Geometry
+from owners.cipher import BlockCipher, CipherGeometry
+from owners.errors import TaskMismatch
 from owners.images import BadImage, load_rgb
 from owners.keys import OwnerKey
-from owners.shards import Codec
-from owners.upload import Connection, UploadError, open_channel
+from owners.upload import Connection, open_channel, service_error
+from protocol.proto import ingest_pb2 as pb
+from protocol.proto import ingest_pb2_grpc as pb_grpc
+from protocol.task import Task
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,10 @@ def predict_images(key: OwnerKey | None, paths: list[Path], conn: Connection, to
     metadata = (("authorization", f"Bearer {conn.token}"),)
     try:
         info = stub.GetModelInfo(pb.ModelInfoRequest(), metadata=metadata, timeout=conn.call_timeout)
-        task = info.task
-        if (task.scheme == "plain") != (key is None):
-            raise UploadError(f"the model's task uses scheme {task.scheme!r}: "
-                              + ("use --plain" if task.scheme == "plain" else "a --key is required"))
+        task = Task.from_pb(info.task)
+        if task.encrypted != (key is not None):
+            raise TaskMismatch(f"the model's task uses scheme {task.scheme!r}: "
+                               + ("a --key is required" if task.encrypted else "use --plain"))
         results: dict[str, PredictionResult] = {}
         good, arrays = [], []
         for path in paths:
@@ -47,9 +48,8 @@ def predict_images(key: OwnerKey | None, paths: list[Path], conn: Connection, to
         if arrays:
             batch = np.stack(arrays)
             if key is not None:
-                batch = BlockCipher(key.secret, Geometry(task.image_size, task.image_size, task.block_size,
-                                                         task.scheme)).encrypt(batch)
-            codec = Codec(task.format, task.quality, task.chroma)
+                batch = BlockCipher(key.secret, CipherGeometry.for_task(task)).encrypt(batch)
+            codec = task.codec
             reply = stub.Predict(pb.PredictRequest(images=[codec.encode(img) for img in batch],
                                                    key_id="" if key is None else key.key_id),
                                  metadata=metadata, timeout=conn.call_timeout * 4)
@@ -59,6 +59,6 @@ def predict_images(key: OwnerKey | None, paths: list[Path], conn: Connection, to
                 results[path] = PredictionResult(path, [(task.classes[i], float(probs[i])) for i in order])
         return [results[str(p)] for p in paths]
     except grpc.RpcError as exc:
-        raise UploadError(f"predict: {exc.code().name}: {exc.details()}") from None
+        raise service_error("predict", exc) from None
     finally:
         channel.close()

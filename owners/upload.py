@@ -21,19 +21,48 @@ from typing import Callable, Iterator
 import grpc
 from tqdm import tqdm
 
-from orchestrator.proto import ingest_pb2 as pb
-from orchestrator.proto import ingest_pb2_grpc as pb_grpc
-from owners.shards import MANIFEST_NAME, Manifest
+from owners.errors import ServiceError
+from protocol.net import CHUNK_BYTES, MAX_MESSAGE_BYTES, is_loopback_host
+from protocol.proto import ingest_pb2 as pb
+from protocol.proto import ingest_pb2_grpc as pb_grpc
+from protocol.shards import MANIFEST_NAME, Manifest
+from protocol.task import Task
 
-CHUNK_BYTES = 1 << 20  # per message; the server refuses messages much larger than this
 TOKEN_ENV = "OWNER_AGENT_TOKEN"
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN)
-LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
+# An interrupted shard upload also comes back as these: the server then says where to resume.
+RESUMABLE = (*RETRYABLE, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DATA_LOSS)
 
 
-class UploadError(Exception):
-    """The upload cannot go on; the message says why and what to do."""
+def backoff_delay(attempt: int) -> float:
+    """Seconds before retry ``attempt`` (0-based): exponential up to 30 s, with +-50% jitter."""
+    return min(30.0, 0.5 * 2**attempt) * (0.5 + random.random())
+
+
+def service_error(what: str, exc: grpc.RpcError) -> ServiceError:
+    """The owner-facing error for a failed call."""
+    if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+        return ServiceError(f"{what}: the server rejected the token ({exc.details()})")
+    return ServiceError(f"{what}: {exc.code().name}: {exc.details()}")
+
+
+@dataclass(frozen=True)
+class ServerTask:
+    """The task as the server sent it, with the run it belongs to and who the server says we are."""
+
+    task: Task
+    run_name: str
+    owner_id: str
+
+    @classmethod
+    def from_pb(cls, message: pb.Task) -> ServerTask:
+        return cls(Task.from_pb(message), message.run_name, message.owner_id)
+
+    def describe(self) -> str:
+        t = self.task
+        return (f"task {self.run_name!r}: {len(t.classes)} classes, {t.image_size}x{t.image_size}, {t.scheme} "
+                f"(block {t.block_size}); you are {self.owner_id!r}")
 
 
 @dataclass(frozen=True)
@@ -59,28 +88,28 @@ def read_token(token_file: str | None) -> str:
     if token_file:
         path = Path(token_file)
         if not path.is_file():
-            raise UploadError(f"token file {path} does not exist")
+            raise ServiceError(f"token file {path} does not exist")
         if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise UploadError(f"token file {path} is readable by other users; chmod 600 {path}")
+            raise ServiceError(f"token file {path} is readable by other users; chmod 600 {path}")
         token = path.read_text("utf-8").strip()
     else:
         token = os.environ.get(TOKEN_ENV, "").strip()
     if not token:
-        raise UploadError(f"no upload token: pass --token-file FILE or set {TOKEN_ENV}")
+        raise ServiceError(f"no upload token: pass --token-file FILE or set {TOKEN_ENV}")
     return token
 
 
 def open_channel(conn: Connection) -> grpc.Channel:
     host = conn.server.rpartition(":")[0]
-    options = [("grpc.max_send_message_length", CHUNK_BYTES + (64 << 10)),
+    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_receive_message_length", 4 << 20),
                # reconnect soon after a server restart (gRPC's default backoff grows to 2 minutes)
                ("grpc.initial_reconnect_backoff_ms", 500),
                ("grpc.max_reconnect_backoff_ms", 5000)]
-    plaintext = conn.insecure or (conn.ca_file is None and conn.client_cert is None and host in LOOPBACK)
+    plaintext = conn.insecure or (conn.ca_file is None and conn.client_cert is None and is_loopback_host(host))
     if plaintext:
-        if host not in LOOPBACK:
-            raise UploadError(f"refusing to send the token in clear text to {conn.server}: plaintext is for loopback only")
+        if not is_loopback_host(host):
+            raise ServiceError(f"refusing to send the token in clear text to {conn.server}: plaintext is for loopback only")
         return grpc.insecure_channel(conn.server, options=options)
     creds = grpc.ssl_channel_credentials(
         root_certificates=conn.ca_file.read_bytes() if conn.ca_file else None,
@@ -102,25 +131,23 @@ class IngestClient:
         self.channel.close()
 
     def _retry(self, what: str, call: Callable[[], object]) -> object:
-        """Run ``call``; retry transient failures with backoff; turn the rest into UploadError."""
+        """Run ``call``; retry transient failures with backoff; turn the rest into ServiceError."""
         for attempt in range(self.conn.retries):
             try:
                 return call()
             except grpc.RpcError as exc:
-                code = exc.code()
-                if code == grpc.StatusCode.UNAUTHENTICATED:
-                    raise UploadError(f"{what}: the server rejected the token ({exc.details()})") from None
-                if code not in RETRYABLE or attempt == self.conn.retries - 1:
-                    raise UploadError(f"{what}: {code.name}: {exc.details()}") from None
-                delay = min(30.0, 0.5 * 2**attempt) * (0.5 + random.random())
-                self.log(f"{what}: {code.name} ({exc.details()}); retrying in {delay:.1f} s "
+                if exc.code() not in RETRYABLE or attempt == self.conn.retries - 1:
+                    raise service_error(what, exc) from None
+                delay = backoff_delay(attempt)
+                self.log(f"{what}: {exc.code().name} ({exc.details()}); retrying in {delay:.1f} s "
                          f"(attempt {attempt + 2} of {self.conn.retries})")
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def get_task(self) -> pb.Task:
-        return self._retry("get task", lambda: self.stub.GetTask(
+    def get_task(self) -> ServerTask:
+        message = self._retry("get task", lambda: self.stub.GetTask(
             pb.GetTaskRequest(), metadata=self.metadata, timeout=self.conn.call_timeout))
+        return ServerTask.from_pb(message)
 
     def open_dataset(self, manifest_json: bytes, new_key_domain: bool) -> pb.DatasetState:
         return self._retry("open dataset", lambda: self.stub.OpenDataset(
@@ -174,52 +201,58 @@ def upload_outbox(outbox: Path, client: IngestClient, new_key_domain: bool = Fal
     """Upload every shard of ``outbox`` the server does not hold yet, then commit the dataset.
 
     ``client.conn.streams`` shards travel at once, so one shard's verification and fsync on the
-    server overlap the next one's transfer (and long-latency links stay busy).
+    server overlap the next one's transfer (and long-latency links stay busy). After any failure
+    the server's answer to OpenDataset (bytes held per shard) is the only resume point.
     """
     manifest_json = (Path(outbox) / MANIFEST_NAME).read_bytes()
     manifest = Manifest.parse(manifest_json, str(Path(outbox) / MANIFEST_NAME))
-    files = {s.name: s for s in manifest.shards}
     state = client.open_dataset(manifest_json, new_key_domain)
-    for shard in state.shards:
-        info = files.get(shard.name)
-        if info is None or info.sha256 != shard.sha256:
-            raise UploadError(f"server lists shard {shard.name} that this outbox does not hold")
+    _check_server_listing(state, manifest)
     bar = tqdm(total=sum(s.size for s in state.shards), unit="B", unit_scale=True, desc="upload", file=sys.stderr,
                disable=progress is False or (progress is None and not sys.stderr.isatty()))
-
-    def send(shard: pb.ShardProgress) -> None:
-        client.upload_shard(Path(outbox) / shard.name, state.dataset_id, shard.sha256, shard.received, bar.update)
-
     try:
         for attempt in range(client.conn.retries):
             bar.n = sum(s.received for s in state.shards)
             bar.refresh()
             pending = [s for s in state.shards if not s.stored]
             if not pending:
-                break
-            with ThreadPoolExecutor(client.conn.streams) as pool:
-                failures = [f.exception() for f in [pool.submit(send, s) for s in pending]]
-            failures = [e for e in failures if e is not None]
-            for exc in failures:
-                if not isinstance(exc, grpc.RpcError):
-                    raise exc
-                code = exc.code()
-                if code == grpc.StatusCode.UNAUTHENTICATED:
-                    raise UploadError(f"upload: the server rejected the token ({exc.details()})")
-                if code not in RETRYABLE and code not in (grpc.StatusCode.FAILED_PRECONDITION,
-                                                          grpc.StatusCode.DATA_LOSS):
-                    raise UploadError(f"upload: {code.name}: {exc.details()}")
+                return client.commit(state.dataset_id)
+            failures = _send_shards(outbox, client, state.dataset_id, pending, bar.update)
             if failures:
-                delay = min(30.0, 0.5 * 2**attempt) * (0.5 + random.random())
+                delay = backoff_delay(attempt)
                 client.log(f"upload: {len(failures)} shard(s) interrupted ({failures[0].code().name}: "
                            f"{failures[0].details()}); asking the server where to resume in {delay:.1f} s")
                 time.sleep(delay)
             state = client.open_dataset(manifest_json, new_key_domain)
-        else:
-            missing = [s.name for s in state.shards if not s.stored]
-            if missing:
-                raise UploadError(f"gave up after {client.conn.retries} attempts; {len(missing)} shard(s) "
-                                  "not stored. Rerun the same command to resume")
     finally:
         bar.close()
+    if any(not s.stored for s in state.shards):
+        missing = sum(not s.stored for s in state.shards)
+        raise ServiceError(f"gave up after {client.conn.retries} attempts; {missing} shard(s) not stored. "
+                           "Rerun the same command to resume")
     return client.commit(state.dataset_id)
+
+
+def _check_server_listing(state: pb.DatasetState, manifest: Manifest) -> None:
+    files = {s.name: s for s in manifest.shards}
+    for shard in state.shards:
+        info = files.get(shard.name)
+        if info is None or info.sha256 != shard.sha256:
+            raise ServiceError(f"server lists shard {shard.name} that this outbox does not hold")
+
+
+def _send_shards(outbox: Path, client: IngestClient, dataset_id: str, pending: list,
+                 on_bytes: Callable[[int], None]) -> list[grpc.RpcError]:
+    """Upload ``pending`` shards concurrently; returns the resumable failures, raises on the others."""
+    def send(shard: pb.ShardProgress) -> None:
+        client.upload_shard(Path(outbox) / shard.name, dataset_id, shard.sha256, shard.received, on_bytes)
+
+    with ThreadPoolExecutor(client.conn.streams) as pool:
+        errors = [f.exception() for f in [pool.submit(send, s) for s in pending]]
+    failures = [e for e in errors if e is not None]
+    for exc in failures:
+        if not isinstance(exc, grpc.RpcError):
+            raise exc
+        if exc.code() not in RESUMABLE:
+            raise service_error("upload", exc)
+    return failures

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from orchestrator.proto import ingest_pb2 as orchestrator_dot_proto_dot_ingest__pb2
+from protocol.proto import ingest_pb2 as protocol_dot_proto_dot_ingest__pb2
 
 GRPC_GENERATED_VERSION = '1.74.0'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + f' but the generated code in orchestrator/proto/ingest_pb2_grpc.py depends on'
+        + f' but the generated code in protocol/proto/ingest_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class IngestStub(object):
         """
         self.GetTask = channel.unary_unary(
                 '/etc.ingest.v1.Ingest/GetTask',
-                request_serializer=orchestrator_dot_proto_dot_ingest__pb2.GetTaskRequest.SerializeToString,
-                response_deserializer=orchestrator_dot_proto_dot_ingest__pb2.Task.FromString,
+                request_serializer=protocol_dot_proto_dot_ingest__pb2.GetTaskRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_ingest__pb2.Task.FromString,
                 _registered_method=True)
         self.OpenDataset = channel.unary_unary(
                 '/etc.ingest.v1.Ingest/OpenDataset',
-                request_serializer=orchestrator_dot_proto_dot_ingest__pb2.OpenDatasetRequest.SerializeToString,
-                response_deserializer=orchestrator_dot_proto_dot_ingest__pb2.DatasetState.FromString,
+                request_serializer=protocol_dot_proto_dot_ingest__pb2.OpenDatasetRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_ingest__pb2.DatasetState.FromString,
                 _registered_method=True)
         self.UploadShard = channel.stream_unary(
                 '/etc.ingest.v1.Ingest/UploadShard',
-                request_serializer=orchestrator_dot_proto_dot_ingest__pb2.ShardChunk.SerializeToString,
-                response_deserializer=orchestrator_dot_proto_dot_ingest__pb2.ShardState.FromString,
+                request_serializer=protocol_dot_proto_dot_ingest__pb2.ShardChunk.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_ingest__pb2.ShardState.FromString,
                 _registered_method=True)
         self.CommitDataset = channel.unary_unary(
                 '/etc.ingest.v1.Ingest/CommitDataset',
-                request_serializer=orchestrator_dot_proto_dot_ingest__pb2.CommitDatasetRequest.SerializeToString,
-                response_deserializer=orchestrator_dot_proto_dot_ingest__pb2.DatasetState.FromString,
+                request_serializer=protocol_dot_proto_dot_ingest__pb2.CommitDatasetRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_ingest__pb2.DatasetState.FromString,
                 _registered_method=True)
 
 
@@ -95,23 +95,23 @@ def add_IngestServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetTask': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTask,
-                    request_deserializer=orchestrator_dot_proto_dot_ingest__pb2.GetTaskRequest.FromString,
-                    response_serializer=orchestrator_dot_proto_dot_ingest__pb2.Task.SerializeToString,
+                    request_deserializer=protocol_dot_proto_dot_ingest__pb2.GetTaskRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_ingest__pb2.Task.SerializeToString,
             ),
             'OpenDataset': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenDataset,
-                    request_deserializer=orchestrator_dot_proto_dot_ingest__pb2.OpenDatasetRequest.FromString,
-                    response_serializer=orchestrator_dot_proto_dot_ingest__pb2.DatasetState.SerializeToString,
+                    request_deserializer=protocol_dot_proto_dot_ingest__pb2.OpenDatasetRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_ingest__pb2.DatasetState.SerializeToString,
             ),
             'UploadShard': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadShard,
-                    request_deserializer=orchestrator_dot_proto_dot_ingest__pb2.ShardChunk.FromString,
-                    response_serializer=orchestrator_dot_proto_dot_ingest__pb2.ShardState.SerializeToString,
+                    request_deserializer=protocol_dot_proto_dot_ingest__pb2.ShardChunk.FromString,
+                    response_serializer=protocol_dot_proto_dot_ingest__pb2.ShardState.SerializeToString,
             ),
             'CommitDataset': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitDataset,
-                    request_deserializer=orchestrator_dot_proto_dot_ingest__pb2.CommitDatasetRequest.FromString,
-                    response_serializer=orchestrator_dot_proto_dot_ingest__pb2.DatasetState.SerializeToString,
+                    request_deserializer=protocol_dot_proto_dot_ingest__pb2.CommitDatasetRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_ingest__pb2.DatasetState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,8 +139,8 @@ class Ingest(object):
             request,
             target,
             '/etc.ingest.v1.Ingest/GetTask',
-            orchestrator_dot_proto_dot_ingest__pb2.GetTaskRequest.SerializeToString,
-            orchestrator_dot_proto_dot_ingest__pb2.Task.FromString,
+            protocol_dot_proto_dot_ingest__pb2.GetTaskRequest.SerializeToString,
+            protocol_dot_proto_dot_ingest__pb2.Task.FromString,
             options,
             channel_credentials,
             insecure,
@@ -166,8 +166,8 @@ class Ingest(object):
             request,
             target,
             '/etc.ingest.v1.Ingest/OpenDataset',
-            orchestrator_dot_proto_dot_ingest__pb2.OpenDatasetRequest.SerializeToString,
-            orchestrator_dot_proto_dot_ingest__pb2.DatasetState.FromString,
+            protocol_dot_proto_dot_ingest__pb2.OpenDatasetRequest.SerializeToString,
+            protocol_dot_proto_dot_ingest__pb2.DatasetState.FromString,
             options,
             channel_credentials,
             insecure,
@@ -193,8 +193,8 @@ class Ingest(object):
             request_iterator,
             target,
             '/etc.ingest.v1.Ingest/UploadShard',
-            orchestrator_dot_proto_dot_ingest__pb2.ShardChunk.SerializeToString,
-            orchestrator_dot_proto_dot_ingest__pb2.ShardState.FromString,
+            protocol_dot_proto_dot_ingest__pb2.ShardChunk.SerializeToString,
+            protocol_dot_proto_dot_ingest__pb2.ShardState.FromString,
             options,
             channel_credentials,
             insecure,
@@ -220,8 +220,8 @@ class Ingest(object):
             request,
             target,
             '/etc.ingest.v1.Ingest/CommitDataset',
-            orchestrator_dot_proto_dot_ingest__pb2.CommitDatasetRequest.SerializeToString,
-            orchestrator_dot_proto_dot_ingest__pb2.DatasetState.FromString,
+            protocol_dot_proto_dot_ingest__pb2.CommitDatasetRequest.SerializeToString,
+            protocol_dot_proto_dot_ingest__pb2.DatasetState.FromString,
             options,
             channel_credentials,
             insecure,
@@ -246,13 +246,13 @@ class PredictorStub(object):
         """
         self.GetModelInfo = channel.unary_unary(
                 '/etc.ingest.v1.Predictor/GetModelInfo',
-                request_serializer=orchestrator_dot_proto_dot_ingest__pb2.ModelInfoRequest.SerializeToString,
-                response_deserializer=orchestrator_dot_proto_dot_ingest__pb2.ModelInfo.FromString,
+                request_serializer=protocol_dot_proto_dot_ingest__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_ingest__pb2.ModelInfo.FromString,
                 _registered_method=True)
         self.Predict = channel.unary_unary(
                 '/etc.ingest.v1.Predictor/Predict',
-                request_serializer=orchestrator_dot_proto_dot_ingest__pb2.PredictRequest.SerializeToString,
-                response_deserializer=orchestrator_dot_proto_dot_ingest__pb2.PredictReply.FromString,
+                request_serializer=protocol_dot_proto_dot_ingest__pb2.PredictRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_ingest__pb2.PredictReply.FromString,
                 _registered_method=True)
 
 
@@ -278,13 +278,13 @@ def add_PredictorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=orchestrator_dot_proto_dot_ingest__pb2.ModelInfoRequest.FromString,
-                    response_serializer=orchestrator_dot_proto_dot_ingest__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=protocol_dot_proto_dot_ingest__pb2.ModelInfoRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_ingest__pb2.ModelInfo.SerializeToString,
             ),
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
-                    request_deserializer=orchestrator_dot_proto_dot_ingest__pb2.PredictRequest.FromString,
-                    response_serializer=orchestrator_dot_proto_dot_ingest__pb2.PredictReply.SerializeToString,
+                    request_deserializer=protocol_dot_proto_dot_ingest__pb2.PredictRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_ingest__pb2.PredictReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -314,8 +314,8 @@ class Predictor(object):
             request,
             target,
             '/etc.ingest.v1.Predictor/GetModelInfo',
-            orchestrator_dot_proto_dot_ingest__pb2.ModelInfoRequest.SerializeToString,
-            orchestrator_dot_proto_dot_ingest__pb2.ModelInfo.FromString,
+            protocol_dot_proto_dot_ingest__pb2.ModelInfoRequest.SerializeToString,
+            protocol_dot_proto_dot_ingest__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -341,8 +341,8 @@ class Predictor(object):
             request,
             target,
             '/etc.ingest.v1.Predictor/Predict',
-            orchestrator_dot_proto_dot_ingest__pb2.PredictRequest.SerializeToString,
-            orchestrator_dot_proto_dot_ingest__pb2.PredictReply.FromString,
+            protocol_dot_proto_dot_ingest__pb2.PredictRequest.SerializeToString,
+            protocol_dot_proto_dot_ingest__pb2.PredictReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,7 +1,7 @@
 """The federated mode's server side (Flower ServerApp, Message API): FedAvg over the shared trunk.
 
 The server never holds a key-specific tensor: owners send back only ``trunk.*`` arrays
-(``orchestrator/fedtask.py``). Owners that fail or vanish mid-round are counted as failures by
+(``mlcore/federated.py``). Owners that fail or vanish mid-round are counted as failures by
 Flower and the round aggregates the replies that came; ``min_owners`` is the smallest federation
 a round waits for, and ``round_timeout_s`` bounds the wait for one phase.
 
@@ -11,22 +11,36 @@ config); ``make_server_app`` builds the same thing for Flower's simulation.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # a privacy product sends no telemetry
-
-from flwr.app import ArrayRecord, ConfigRecord, Context  # noqa: E402
-from flwr.serverapp import Grid, ServerApp  # noqa: E402
-from flwr.serverapp.strategy import FedAvg  # noqa: E402
-
-from orchestrator.fedtask import FederatedPlan, trunk_network, trunk_state  # noqa: E402
-from orchestrator.training import CHECKPOINT_FORMAT, code_version  # noqa: E402
+from mlcore import checkpoint as ckpt
+from mlcore.federated import FederatedPlan, trunk_network, trunk_state
+from orchestrator.config import ClusterConfig, ConfigError, load_config
 
 FINAL_CHECKPOINT = "federated-trunk.pt"
+
+
+def plan_for(cfg: ClusterConfig) -> FederatedPlan:
+    """The plan every owner receives: the task and the ML settings (never the cloud's own)."""
+    s, f = cfg.training, cfg.federated
+    if s.strategy != "federated":
+        raise ConfigError(f"training.strategy is {s.strategy!r}: `orchestrator federate` needs 'federated'")
+    return FederatedPlan(cfg.task, s.core(), s.epochs // f.local_epochs, f.local_epochs)
+
+
+def _round_records(result) -> list[dict]:
+    rounds = []
+    for rnd in sorted(result.train_metrics_clientapp):
+        record = {"round": rnd, **{f"train/{k}": v for k, v in dict(result.train_metrics_clientapp[rnd]).items()}}
+        record.update({f"test/{k}": v for k, v in dict(result.evaluate_metrics_clientapp.get(rnd, {})).items()})
+        rounds.append(record)
+    return rounds
 
 
 def run_federated(grid: Grid, plan: FederatedPlan, min_owners: int, round_timeout_s: float, out_dir: Path,
@@ -40,20 +54,13 @@ def run_federated(grid: Grid, plan: FederatedPlan, min_owners: int, round_timeou
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(trunk_state(trunk_network(plan))),
                             num_rounds=plan.rounds, timeout=round_timeout_s, train_config=config,
                             evaluate_config=config)
-    rounds = []
-    for rnd in sorted(result.train_metrics_clientapp):
-        record = {"round": rnd, **{f"train/{k}": v for k, v in dict(result.train_metrics_clientapp[rnd]).items()}}
-        record.update({f"test/{k}": v for k, v in dict(result.evaluate_metrics_clientapp.get(rnd, {})).items()})
-        rounds.append(record)
+    rounds = _round_records(result)
     with open(out_dir / "metrics.jsonl", "a") as f:
         for record in rounds:
             f.write(json.dumps(record) + "\n")
     path = out_dir / FINAL_CHECKPOINT
-    torch.save({"format": CHECKPOINT_FORMAT, "version": 1, "strategy": "federated", "model": plan.settings.model,
-                "classes": list(plan.classes), "geometry": json.loads(plan.to_json())["geometry"], "key_ids": [],
-                "code_version": code_version(), "rounds": rounds, "seconds": time.time() - started,
-                "training": json.loads(plan.to_json())["settings"],
-                "state_dict": result.arrays.to_torch_state_dict()}, path)
+    head = ckpt.header(plan.task, plan.settings, [], rounds=rounds, seconds=time.time() - started)
+    torch.save({**head, "state_dict": result.arrays.to_torch_state_dict()}, path)
     log(f"federated training done: {len(rounds)} rounds in {time.time() - started:.0f} s; trunk in {path}")
     return path
 
@@ -74,10 +81,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Deployed by ``orchestrator federate``: everything comes from the cluster config."""
-    from orchestrator.config import load_config
-    from orchestrator.federate import plan_for
-
     cfg = load_config(Path(str(context.run_config["cluster-config"])))
-    plan = plan_for(cfg)
     f = cfg.federated
-    run_federated(grid, plan, f.min_owners, f.round_timeout_s, Path(str(context.run_config["out-dir"])))
+    run_federated(grid, plan_for(cfg), f.min_owners, f.round_timeout_s, Path(str(context.run_config["out-dir"])))

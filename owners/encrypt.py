@@ -27,22 +27,22 @@ import numpy as np
 from tqdm import tqdm
 
 from owners import __version__
-from owners.cipher import BlockCipher, Geometry
-from owners.images import BadImage, SourceImage, load_rgb, scan_image_folder
+from owners.cipher import BlockCipher, CipherGeometry
+from owners.errors import OutboxError, OwnerError
+from owners.images import BadImage, Scan, SourceImage, load_rgb, scan_image_folder
 from owners.keys import OwnerKey
-from owners.shards import MANIFEST_NAME, Codec, Manifest, ShardWriter, atomic_write, sample_id
+from protocol.shards import MANIFEST_NAME, Manifest, ShardWriter, atomic_write, sample_id
+from protocol.task import Task
 
 LOCAL_DIR = "local"  # inside the outbox; never uploaded
 
 
 @dataclass(frozen=True)
 class EncryptSettings:
-    image_size: int = 32  # pixels; images are resized (shorter side) and centre-cropped to this
-    block_size: int = 16  # EtC block, pixels (colour: 16, gray: 8)
-    scheme: str = "color"  # "color", "gray", or "plain" (no encryption, for baselines)
-    codec: Codec = Codec()
+    task: Task | None = None  # classes (label ids), image size, block, scheme, codec; None: the default
+    # task over the folder's own class names (sorted). Images are resized (shorter side) and
+    # centre-cropped to task.image_size.
     split: str = "train"  # "train" or "test": recorded in the manifest
-    classes: tuple[str, ...] | None = None  # the task's class list; None: sorted folder names
     shard_images: int = 10_000  # samples per shard (~15 MB for 32x32 JPEG)
     chunk: int = 512  # images loaded, encrypted and encoded together
     max_bad_fraction: float = 0.2  # abort when more than this fraction of files fails...
@@ -68,7 +68,7 @@ class EncryptSummary:
         )
 
 
-class TooManyBadFiles(RuntimeError):
+class TooManyBadFiles(OwnerError):
     pass
 
 
@@ -87,19 +87,16 @@ class _Prepared:
 class _ChunkEncoder:
     """Load, fit, encrypt and encode a chunk of images: the per-image work, free of shared state."""
 
-    def __init__(self, secret: bytes | None, settings: EncryptSettings) -> None:
-        self.settings = settings
-        self.cipher = None
-        if secret is not None:
-            geometry = Geometry(settings.image_size, settings.image_size, settings.block_size, settings.scheme)
-            self.cipher = BlockCipher(secret, geometry)
+    def __init__(self, secret: bytes | None, task: Task) -> None:
+        self.task = task
+        self.cipher = None if secret is None else BlockCipher(secret, CipherGeometry.for_task(task))
 
     def __call__(self, items: list[SourceImage]) -> list[_Prepared]:
         loaded = []
         for item in items:
             try:
                 nbytes = item.path.stat().st_size
-                arr, notes = load_rgb(item.path, self.settings.image_size)
+                arr, notes = load_rgb(item.path, self.task.image_size)
                 loaded.append((item, arr, None, tuple(notes), nbytes))
             except BadImage as exc:
                 loaded.append((item, None, str(exc), (), 0))
@@ -111,7 +108,7 @@ class _ChunkEncoder:
             batch = np.stack(good)
             stored = iter(batch if self.cipher is None else self.cipher.encrypt(batch))
         return [
-            _Prepared(item.relpath, item.label, None if arr is None else self.settings.codec.encode(next(stored)),
+            _Prepared(item.relpath, item.label, None if arr is None else self.task.codec.encode(next(stored)),
                       reason, notes, nbytes)
             for item, arr, reason, notes, nbytes in loaded
         ]
@@ -120,10 +117,10 @@ class _ChunkEncoder:
 _worker_encoder: _ChunkEncoder | None = None  # one per worker process
 
 
-def _init_worker(secret: bytes | None, settings: EncryptSettings) -> None:
+def _init_worker(secret: bytes | None, task: Task) -> None:
     global _worker_encoder
     numba.set_num_threads(1)  # the processes already use every core
-    _worker_encoder = _ChunkEncoder(secret, settings)
+    _worker_encoder = _ChunkEncoder(secret, task)
 
 
 def _encode_in_worker(items: list[SourceImage]) -> list[_Prepared]:
@@ -131,7 +128,7 @@ def _encode_in_worker(items: list[SourceImage]) -> list[_Prepared]:
     return _worker_encoder(items)
 
 
-def _prepared_chunks(items: list[SourceImage], secret: bytes | None, settings: EncryptSettings,
+def _prepared_chunks(items: list[SourceImage], secret: bytes | None, task: Task, settings: EncryptSettings,
                      stack: ExitStack) -> Iterator[list[_Prepared]]:
     """Chunks of results in input order; worker processes when there is more than one chunk.
 
@@ -140,23 +137,70 @@ def _prepared_chunks(items: list[SourceImage], secret: bytes | None, settings: E
     """
     chunks = [items[i : i + settings.chunk] for i in range(0, len(items), settings.chunk)]
     if settings.workers <= 1 or len(chunks) <= 1:
-        encoder = _ChunkEncoder(secret, settings)
+        encoder = _ChunkEncoder(secret, task)
         return (encoder(chunk) for chunk in chunks)
     # spawn, not fork: numba's thread pool is not fork-safe
     pool = ProcessPoolExecutor(settings.workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(secret, settings))
+                               initializer=_init_worker, initargs=(secret, task))
     stack.callback(pool.shutdown, wait=True, cancel_futures=True)
     return pool.map(_encode_in_worker, chunks)
 
 
-def _prepare_outbox(out: Path, overwrite: bool) -> None:
+def _reset_outbox_folder(out: Path, overwrite: bool) -> None:
+    """Create ``out`` (and ``out/local``), or empty it of a previous run's shards when allowed."""
     if (out / MANIFEST_NAME).exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds an encrypted set ({MANIFEST_NAME}); "
-                              "choose another --out or pass --overwrite")
+        raise OutboxError(f"{out} already holds an encrypted set ({MANIFEST_NAME}); "
+                          "choose another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     (out / LOCAL_DIR).mkdir(exist_ok=True)
     for stale in list(out.glob("shard-*.tar")) + list(out.glob("shard-*.tar.partial")) + [out / MANIFEST_NAME]:
         stale.unlink(missing_ok=True)
+
+
+class _Run:
+    """The bookkeeping of one encrypt run: what was written, skipped, converted; counts per class."""
+
+    def __init__(self, data: Path, out: Path, scan: Scan, task: Task, settings: EncryptSettings) -> None:
+        self.data, self.out, self.settings = data, out, settings
+        self.summary = EncryptSummary()
+        self.bad = [{"file": rel, "reason": why} for rel, why in scan.skipped]  # files that could not be used
+        self.duplicates: list[dict] = []
+        self.converted: list[dict] = []
+        self.seen: dict[str, str] = {}  # sample id -> first file with these exact bytes
+        self.class_counts = [0] * len(task.classes)
+        self.writer = ShardWriter(out, task.codec.suffix, settings.shard_images)
+        self.tried = len(scan.skipped)
+
+    def add(self, item: _Prepared, index) -> None:
+        if item.encoded is None:
+            self.bad.append({"file": item.relpath, "reason": item.reason})
+            return
+        if item.notes:
+            self.converted.append({"file": item.relpath, "notes": list(item.notes)})
+        sid = sample_id(item.encoded)
+        if sid in self.seen:
+            self.duplicates.append({"file": item.relpath, "reason": f"duplicate of {self.seen[sid]}"})
+            return
+        self.seen[sid] = item.relpath
+        self.writer.add(sid, item.encoded, item.label)
+        index.write(json.dumps({"id": sid, "file": item.relpath, "label": item.label}) + "\n")
+        self.class_counts[item.label] += 1
+        self.summary.images += 1
+        self.summary.bytes_in += item.bytes_in
+        self.summary.bytes_out += len(item.encoded)
+
+    def check_bad_fraction(self) -> None:
+        s = self.settings
+        if self.tried >= s.min_files_before_abort and len(self.bad) > s.max_bad_fraction * self.tried:
+            raise TooManyBadFiles(
+                f"{len(self.bad)} of {self.tried} files could not be used (more than {s.max_bad_fraction:.0%}); "
+                f"stopped. Is {self.data} the right folder? Reasons are in {self.out / LOCAL_DIR / 'report.json'}")
+
+    def write_report(self, started: float) -> None:
+        self.summary.skipped, self.summary.duplicates = len(self.bad), len(self.duplicates)
+        self.summary.seconds = time.perf_counter() - started
+        report = {"summary": asdict(self.summary), "skipped": self.bad + self.duplicates, "converted": self.converted}
+        atomic_write(self.out / LOCAL_DIR / "report.json", (json.dumps(report, indent=1) + "\n").encode())
 
 
 def encrypt_folder(
@@ -164,83 +208,50 @@ def encrypt_folder(
     overwrite: bool = False, progress: bool | None = None,
 ) -> EncryptSummary:
     """Encrypt (or, with ``key=None`` and scheme "plain", just prepare) ``data`` into ``out``."""
-    plain = settings.scheme == "plain"
-    if plain != (key is None):
-        raise ValueError("a key is required unless the scheme is 'plain' (and refused with it)")
-    if not plain:  # a bad geometry is an error before anything is written
-        Geometry(settings.image_size, settings.image_size, settings.block_size, settings.scheme)
-    scan = scan_image_folder(data, settings.classes)
+    scan = scan_image_folder(data, settings.task.classes if settings.task else None)
+    task = settings.task or Task(scan.classes)
+    if task.encrypted != (key is not None):
+        raise OwnerError("a key is required unless the scheme is 'plain' (and refused with it)")
     out = Path(out)
-    _prepare_outbox(out, overwrite)
-
+    _reset_outbox_folder(out, overwrite)
     started = time.perf_counter()
-    summary = EncryptSummary()
-    bad = [{"file": rel, "reason": why} for rel, why in scan.skipped]  # files that could not be used
-    duplicates: list[dict] = []
-    converted: list[dict] = []
-    seen: dict[str, str] = {}
-    class_counts = [0] * len(scan.classes)
-    writer = ShardWriter(out, settings.codec.suffix, settings.shard_images)
-    bar = tqdm(total=len(scan.images), unit="img", desc="encrypt" if not plain else "prepare",
+    run = _Run(Path(data), out, scan, task, settings)
+    bar = tqdm(total=len(scan.images), unit="img", desc="encrypt" if task.encrypted else "prepare",
                disable=progress is False or (progress is None and not sys.stderr.isatty()), file=sys.stderr)
-
-    def check_bad_fraction(tried: int) -> None:
-        if tried >= settings.min_files_before_abort and len(bad) > settings.max_bad_fraction * tried:
-            raise TooManyBadFiles(
-                f"{len(bad)} of {tried} files could not be used (more than "
-                f"{settings.max_bad_fraction:.0%}); stopped. Is {data} the right folder? "
-                f"Reasons are in {out / LOCAL_DIR / 'report.json'}"
-            )
-
     try:
-        check_bad_fraction(len(scan.skipped))
+        run.check_bad_fraction()
         with ExitStack() as stack:
             index = stack.enter_context(open(out / LOCAL_DIR / "index.jsonl", "w", encoding="utf-8"))
-            tried = len(scan.skipped)
-            for chunk in _prepared_chunks(scan.images, None if key is None else key.secret, settings, stack):
+            os.chmod(out / LOCAL_DIR / "index.jsonl", 0o600)  # sample id -> source file name (often a person's)
+            for chunk in _prepared_chunks(scan.images, None if key is None else key.secret, task, settings, stack):
                 for item in chunk:
-                    if item.encoded is None:
-                        bad.append({"file": item.relpath, "reason": item.reason})
-                        continue
-                    if item.notes:
-                        converted.append({"file": item.relpath, "notes": list(item.notes)})
-                    sid = sample_id(item.encoded)
-                    if sid in seen:
-                        duplicates.append({"file": item.relpath, "reason": f"duplicate of {seen[sid]}"})
-                        continue
-                    seen[sid] = item.relpath
-                    writer.add(sid, item.encoded, item.label)
-                    index.write(json.dumps({"id": sid, "file": item.relpath, "label": item.label}) + "\n")
-                    class_counts[item.label] += 1
-                    summary.images += 1
-                    summary.bytes_in += item.bytes_in
-                    summary.bytes_out += len(item.encoded)
-                tried += len(chunk)
-                check_bad_fraction(tried)
+                    run.add(item, index)
+                run.tried += len(chunk)
+                run.check_bad_fraction()
                 bar.update(len(chunk))
-        shards = writer.close()
-        if summary.images == 0:
+        shards = run.writer.close()
+        if run.summary.images == 0:
             raise TooManyBadFiles(f"no usable image in {data}; stopped. Reasons are in "
                                   f"{out / LOCAL_DIR / 'report.json'}")
     finally:
         bar.close()
-        summary.skipped, summary.duplicates = len(bad), len(duplicates)
-        summary.seconds = time.perf_counter() - started
-        report = {"summary": asdict(summary), "skipped": bad + duplicates, "converted": converted}
-        atomic_write(out / LOCAL_DIR / "report.json", (json.dumps(report, indent=1) + "\n").encode())
+        run.write_report(started)
+    _write_manifest(out, key, task, settings.split, run, shards)
+    return run.summary
 
-    manifest = Manifest(
+
+def _write_manifest(out: Path, key: OwnerKey | None, task: Task, split: str, run: _Run, shards) -> None:
+    """Written last: an outbox without a manifest is known to be incomplete."""
+    Manifest(
         key_id=None if key is None else key.key_id,
-        scheme=settings.scheme,
-        image_size=settings.image_size,
-        block_size=None if plain else settings.block_size,
-        codec=asdict(settings.codec),
-        classes=list(scan.classes),
-        split=settings.split,
-        count=summary.images,
-        class_counts=class_counts,
+        scheme=task.scheme,
+        image_size=task.image_size,
+        block_size=task.block_size if task.encrypted else None,
+        codec=asdict(task.codec),
+        classes=list(task.classes),
+        split=split,
+        count=run.summary.images,
+        class_counts=run.class_counts,
         shards=shards,
         producer=f"owner-agent {__version__}",
-    )
-    manifest.write(out)
-    return summary
+    ).write(out)

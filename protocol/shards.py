@@ -6,7 +6,7 @@ time, user or file name of the owner, so the same inputs give byte-identical sha
 
 The manifest records what a reader needs and nothing secret: key id (absent for plain data),
 scheme, geometry, codec, classes, and per-shard sha256, size and counts. Nothing here touches
-key material: the cloud side may read this module.
+key material: both sides use this module (the image codec is ``protocol/codec.py``).
 """
 from __future__ import annotations
 
@@ -20,52 +20,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-from PIL import Image
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "etc-webdataset"
 MANIFEST_VERSION = 1
 SAMPLE_ID_HEX_CHARS = 32
-CODECS = ("jpeg", "png")
-CHROMA_SUBSAMPLING = {"420": 2, "444": 0}  # our name -> Pillow's `subsampling`
-PNG_COMPRESS_LEVEL = 6  # zlib level: Pillow's default, fixed here so output never drifts
 
 
-@dataclass(frozen=True)
-class Codec:
-    format: str = "jpeg"  # "jpeg" (lossy, small) or "png" (lossless)
-    quality: int = 85  # JPEG quality 1-100 (paper: 85 and lossless)
-    chroma: str = "420"  # JPEG chroma subsampling of colour images: "420" or "444"
-
-    def __post_init__(self) -> None:
-        if self.format not in CODECS:
-            raise ValueError(f"unknown format {self.format!r}: choose one of {CODECS}")
-        if not 1 <= self.quality <= 100:
-            raise ValueError(f"JPEG quality must be in 1..100, got {self.quality}")
-        if self.chroma not in CHROMA_SUBSAMPLING:
-            raise ValueError(f"chroma must be one of {tuple(CHROMA_SUBSAMPLING)}, got {self.chroma!r}")
-
-    @property
-    def suffix(self) -> str:
-        return "jpg" if self.format == "jpeg" else "png"
-
-    def encode(self, image: np.ndarray) -> bytes:
-        """(H, W, 3) or (H, W) uint8 -> file bytes with no metadata."""
-        buf = io.BytesIO()
-        pil = Image.fromarray(image)
-        if self.format == "jpeg":
-            pil.save(buf, "JPEG", quality=self.quality, subsampling=CHROMA_SUBSAMPLING[self.chroma],
-                     optimize=False, progressive=False)
-        else:
-            pil.save(buf, "PNG", compress_level=PNG_COMPRESS_LEVEL)
-        return buf.getvalue()
-
-
-def decode(data: bytes) -> np.ndarray:
-    """File bytes -> (H, W, 3) or (H, W) uint8, exactly as stored (no conversion)."""
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img)
+class ManifestError(ValueError):
+    """A manifest or shard folder is malformed or does not match its files; the message names it."""
 
 
 def sample_id(encoded: bytes) -> str:
@@ -103,7 +66,7 @@ class Manifest:
     def load(cls, folder: Path) -> "Manifest":
         path = Path(folder) / MANIFEST_NAME
         if not path.is_file():
-            raise ValueError(f"{path} not found: not a shard folder written by owner-agent encrypt")
+            raise ManifestError(f"{path} not found: not a shard folder written by owner-agent encrypt")
         return cls.parse(path.read_bytes(), str(path))
 
     @classmethod
@@ -116,24 +79,24 @@ class Manifest:
         try:
             doc = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{where} is not valid JSON: {exc}") from None
+            raise ManifestError(f"{where} is not valid JSON: {exc}") from None
         if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or doc.get("version") != MANIFEST_VERSION:
-            raise ValueError(f"{where}: unsupported manifest format/version")
+            raise ManifestError(f"{where}: unsupported manifest format/version")
         unknown = sorted(set(doc) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}")
+            raise ManifestError(f"{where}: unknown field(s) {', '.join(unknown)}")
         try:
             shards = [ShardInfo(**s) for s in doc.get("shards", [])]
             manifest = cls(**{**doc, "shards": shards})
         except TypeError as exc:
-            raise ValueError(f"{where}: malformed ({exc})") from None
+            raise ManifestError(f"{where}: malformed ({exc})") from None
         manifest._check(where)
         return manifest
 
     def _check(self, where: str) -> None:
         def need(ok: bool, field_name: str, why: str) -> None:
             if not ok:
-                raise ValueError(f"{where}: {field_name}: {why}")
+                raise ManifestError(f"{where}: {field_name}: {why}")
 
         need(self.split in ("train", "test"), "split", f"{self.split!r} is not train or test")
         need(self.scheme in ("color", "gray", "plain"), "scheme", f"{self.scheme!r} is unknown")
@@ -245,7 +208,7 @@ def iter_samples(path: Path) -> Iterator[tuple[str, bytes, int]]:
                 yield stem, entry[image_ext], int(entry["cls"])
                 del pending[stem]
         if pending:
-            raise ValueError(f"{path}: incomplete samples {sorted(pending)[:3]}")
+            raise ManifestError(f"{path}: incomplete samples {sorted(pending)[:3]}")
 
 
 def verify_shards(folder: Path, manifest: Manifest) -> None:
@@ -253,7 +216,7 @@ def verify_shards(folder: Path, manifest: Manifest) -> None:
     for shard in manifest.shards:
         path = Path(folder) / shard.name
         if not path.is_file():
-            raise ValueError(f"shard {path} listed in the manifest is missing")
+            raise ManifestError(f"shard {path} listed in the manifest is missing")
         digest, size = file_sha256(path)
         if (digest, size) != (shard.sha256, shard.bytes):
-            raise ValueError(f"shard {path} does not match its manifest entry (corrupted or modified)")
+            raise ManifestError(f"shard {path} does not match its manifest entry (corrupted or modified)")

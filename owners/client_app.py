@@ -1,7 +1,7 @@
 """The owner's Flower client (ClientApp, Message API) for the federated mode.
 
 Each round: take the server's trunk, put the owner's private adapter in front of it, train on the
-owner's own encrypted shards (``orchestrator/fedtask.py``), send back the trunk only. The adapter
+owner's own encrypted shards (``mlcore/federated.py``), send back the trunk only. The adapter
 stays here: in the run's context state, and on disk (``<state-dir>/adapter-<key id>.pt``) for
 predictions at the owner. ``adapter_init = "key"`` (default) starts the adapter at the exact
 inverse of the owner's key, which only the owner can compute; ``"learned"`` starts it at identity
@@ -20,20 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # a privacy product sends no telemetry
-
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
-
-from orchestrator.data import ShardRef  # noqa: E402
-from orchestrator.fedtask import (FederatedPlan, load_states, local_evaluate, local_train, owner_network,  # noqa: E402
-                                  private_state, shared_state)
-from owners.adapters import inverse_setting  # noqa: E402
-from owners.cipher import Geometry as CipherGeometry  # noqa: E402
-from owners.cipher import derive_schedule  # noqa: E402
-from owners.keys import OwnerKey, resolve_key  # noqa: E402
-from owners.shards import Manifest  # noqa: E402
+from mlcore.data import ShardRef, shard_refs
+from mlcore.federated import FederatedPlan, load_states, local_evaluate, local_train, owner_network, private_state, \
+    shared_state
+from owners.adapters import inverse_setting
+from owners.cipher import CipherGeometry, derive_schedule
+from owners.errors import OutboxError, OwnerError
+from owners.keys import OwnerKey, resolve_key
+from protocol.shards import Manifest
 
 ADAPTER_INITS = ("key", "learned")
 STATE_KEY = "private-adapter"
@@ -57,36 +54,36 @@ def site_from_node_config(node_config: dict) -> OwnerSite:
 
     missing = [n for n in ("train", "key", "state-dir") if get(n) is None]
     if missing:
-        raise ValueError(f"node config lacks {', '.join(missing)} (owner-agent federate sets them)")
+        raise OwnerError(f"node config lacks {', '.join(missing)} (owner-agent federate sets them)")
     key, _ = resolve_key(get("key"), create=False)
     init = get("adapter-init", "key")
     if init not in ADAPTER_INITS:
-        raise ValueError(f"node config adapter-init: {init!r} is not one of {', '.join(ADAPTER_INITS)}")
+        raise OwnerError(f"node config adapter-init: {init!r} is not one of {', '.join(ADAPTER_INITS)}")
     test = get("test")
     return OwnerSite(Path(get("train")), Path(test) if test else None, key, Path(get("state-dir")), init)
 
 
-def shards_of(folder: Path, key: OwnerKey, plan: FederatedPlan) -> list[ShardRef]:
+def shards_of(folder: Path, key: OwnerKey, plan: FederatedPlan) -> tuple[ShardRef, ...]:
     """The outbox's shards, after checking they fit this key and the server's task."""
     m = Manifest.load(folder)
-    g = plan.geometry
+    t = plan.task
     if m.key_id != key.key_id:
-        raise ValueError(f"{folder}: encrypted under key id {m.key_id}, but this owner's key is {key.key_id}")
-    if (m.scheme, m.image_size, m.block_size) != (g.scheme, g.image_size, g.block_size):
-        raise ValueError(f"{folder}: {m.scheme} {m.image_size}px block {m.block_size}, but the task asks for "
-                         f"{g.scheme} {g.image_size}px block {g.block_size}")
-    if list(m.classes) != list(plan.classes):
-        raise ValueError(f"{folder}: classes {m.classes} differ from the task's {list(plan.classes)}")
-    return [ShardRef(str(folder / s.name), "me", m.key_id, m.split, s.count) for s in m.shards]
+        raise OutboxError(f"{folder}: encrypted under key id {m.key_id}, but this owner's key is {key.key_id}")
+    if (m.scheme, m.image_size, m.block_size) != (t.scheme, t.image_size, t.block_size):
+        raise OutboxError(f"{folder}: {m.scheme} {m.image_size}px block {m.block_size}, but the task asks for "
+                          f"{t.scheme} {t.image_size}px block {t.block_size}")
+    if list(m.classes) != list(t.classes):
+        raise OutboxError(f"{folder}: classes {m.classes} differ from the task's {list(t.classes)}")
+    return shard_refs(m.shards, lambda s: folder / s.name, "me", m.key_id, m.split)
 
 
 def build_model(site: OwnerSite, plan: FederatedPlan, msg: Message, context: Context):
+    """The owner's network for this round: the server's trunk behind the owner's own adapter."""
     model = owner_network(plan, site.key.key_id)
     private = context.state[STATE_KEY].to_torch_state_dict() if STATE_KEY in context.state else None
     if private is None and site.adapter_init == "key":
-        g = plan.geometry
-        schedule = derive_schedule(site.key.secret, CipherGeometry(g.image_size, g.image_size, g.block_size, g.scheme))
-        model.adapters[0].set_exact(*inverse_setting(schedule, g.in_chans))
+        schedule = derive_schedule(site.key.secret, CipherGeometry.for_task(plan.task))
+        model.adapters[0].set_exact(*inverse_setting(schedule, plan.task.model_input.in_chans))
         private = private_state(model)
     load_states(model, msg.content["arrays"].to_torch_state_dict(), private)
     return model
@@ -106,7 +103,7 @@ def handle_train(site: OwnerSite, msg: Message, context: Context) -> Message:
     note_status(site, server_round, "training")
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
     model = build_model(site, plan, msg, context)
-    metrics = local_train(model, shards_of(site.train, site.key, plan), plan, server_round)
+    metrics = local_train(model, list(shards_of(site.train, site.key, plan)), plan, server_round)
     context.state[STATE_KEY] = ArrayRecord(private_state(model))
     site.state_dir.mkdir(parents=True, exist_ok=True)
     tmp = site.state_dir / f".adapter-{site.key.key_id}.pt.partial"
@@ -123,9 +120,9 @@ def handle_train(site: OwnerSite, msg: Message, context: Context) -> Message:
 def handle_evaluate(site: OwnerSite, msg: Message, context: Context) -> Message:
     plan = FederatedPlan.from_json(str(msg.content["config"]["plan"]))
     if site.test is None:  # Flower counts this reply as a failure; the round goes on without it
-        raise ValueError("this owner has no test split to evaluate on (owner-agent federate --test-data)")
+        raise OwnerError("this owner has no test split to evaluate on (owner-agent federate --test-data)")
     model = build_model(site, plan, msg, context)
-    metrics = local_evaluate(model, shards_of(site.test, site.key, plan), plan)
+    metrics = local_evaluate(model, list(shards_of(site.test, site.key, plan)), plan)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -1,0 +1,53 @@
+"""The training settings the ML core reads: one frozen dataclass, every field with its unit or reason.
+
+``cluster.yaml``'s ``training:`` section is these fields plus the cloud's own (workers, waiting
+for owners; ``orchestrator/config.py``). The federated plan sends exactly these to owners.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters", "federated")
+KEYED_STRATEGIES = ("key-adapters", "federated")  # a per-key adapter in front of a shared trunk
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    strategy: str = "shared-key"  # plain | shared-key | pooled | key-adapters | federated
+    model: str = "convmixer_256_8_p4_k9"  # a name registered in models/ (or any timm name)
+    epochs: int = 10
+    batch_size: int = 64  # per worker
+    lr: float = 0.01  # peak learning rate of the one-cycle schedule (AdamW)
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    mixup_alpha: float = 0.0  # > 0: mixup with Beta(alpha, alpha) (the paper used mixup + CutMix)
+    cutmix_prob: float = 0.0  # probability of block-aligned CutMix instead of mixup for a batch
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU: bf16 is 6x slower on CPUs without AMX) | fp32 | bf16
+    pretrained_file: Path | None = None  # local weights for timm models (e.g. ViT-B/16); never downloaded
+    adapter_lr_scale: float = 10.0  # key-adapters/federated: adapters' peak lr = lr x this (they
+    # must travel from "every block everywhere" to a hard permutation within one schedule)
+    seed: int = 0
+
+    @property
+    def keyed(self) -> bool:
+        """Whether the network has one adapter per key id."""
+        return self.strategy in KEYED_STRATEGIES
+
+    def core(self) -> TrainSettings:
+        """Just these fields (a subclass adds the cloud's own; owners never receive those)."""
+        return TrainSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSettings)})
+
+    def to_dict(self) -> dict:
+        """JSON-ready: paths as strings."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> TrainSettings:
+        known = {f.name for f in dataclasses.fields(TrainSettings)}
+        values = {k: v for k, v in doc.items() if k in known}
+        if values.get("pretrained_file"):
+            values["pretrained_file"] = Path(values["pretrained_file"])
+        return TrainSettings(**values)

@@ -1,0 +1,58 @@
+"""The stored image codec: how an encrypted image becomes file bytes, and back.
+
+Fixed encoder settings (no metadata, no optimisation passes, a fixed PNG level), so the same
+pixels always give the same bytes: sample ids are hashes of these bytes.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+CODECS = ("jpeg", "png")
+CHROMA_SUBSAMPLING = {"420": 2, "444": 0}  # our name -> Pillow's `subsampling`
+PNG_COMPRESS_LEVEL = 6  # zlib level: Pillow's default, fixed here so output never drifts
+
+
+@dataclass(frozen=True)
+class Codec:
+    format: str = "jpeg"  # "jpeg" (lossy, small) or "png" (lossless)
+    quality: int = 85  # JPEG quality 1-100 (paper: 85 and lossless)
+    chroma: str = "420"  # JPEG chroma subsampling of colour images: "420" or "444"
+
+    def __post_init__(self) -> None:
+        if self.format not in CODECS:
+            raise ValueError(f"unknown format {self.format!r}: choose one of {CODECS}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"JPEG quality must be in 1..100, got {self.quality}")
+        if self.chroma not in CHROMA_SUBSAMPLING:
+            raise ValueError(f"chroma must be one of {tuple(CHROMA_SUBSAMPLING)}, got {self.chroma!r}")
+
+    @property
+    def suffix(self) -> str:
+        return "jpg" if self.format == "jpeg" else "png"
+
+    def encode(self, image: np.ndarray) -> bytes:
+        """(H, W, 3) or (H, W) uint8 -> file bytes with no metadata."""
+        buf = io.BytesIO()
+        pil = Image.fromarray(image)
+        if self.format == "jpeg":
+            pil.save(buf, "JPEG", quality=self.quality, subsampling=CHROMA_SUBSAMPLING[self.chroma],
+                     optimize=False, progressive=False)
+        else:
+            pil.save(buf, "PNG", compress_level=PNG_COMPRESS_LEVEL)
+        return buf.getvalue()
+
+
+def decode(data: bytes) -> np.ndarray:
+    """File bytes -> (H, W, 3) or (H, W) uint8, exactly as stored (no conversion)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of two uint8 images; ``inf`` when they are identical."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)

@@ -1,0 +1,97 @@
+"""The task: what every owner encrypts for and what the cloud trains on. One type, both sides.
+
+The cloud reads it from ``cluster.yaml`` (``task:``), sends it to owners over gRPC (``pb.Task``),
+owners encrypt for it, the store checks every manifest against it and training derives the
+model's input shape from it. :class:`Task` validates itself on construction, so an invalid task
+exists nowhere; its errors name the field (``task.block_size: ...``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from protocol.codec import CHROMA_SUBSAMPLING, CODECS, Codec
+
+SCHEMES = ("color", "gray", "plain")  # plain: no encryption (baselines)
+ENCRYPTED_SCHEMES = ("color", "gray")
+DEFAULT_BLOCK = {"color": 16, "gray": 8}  # colour: one JPEG 4:2:0 MCU; gray: one 8x8 DCT block
+SPLITS = ("train", "test")
+
+
+class TaskError(ValueError):
+    """A task field is out of range or inconsistent; ``field`` names it (e.g. ``block_size``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"task.{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Task:
+    classes: tuple[str, ...]  # label id = position in this tuple
+    image_size: int = 32  # pixels, square
+    block_size: int = 16  # EtC block in pixels (colour 16, gray 8); unused for plain
+    scheme: str = "color"  # color | gray | plain
+    format: str = "jpeg"  # stored codec: jpeg (lossy, small) | png (lossless)
+    quality: int = 85  # JPEG quality 1-100
+    chroma: str = "420"  # JPEG chroma subsampling of colour images: 420 | 444
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", tuple(self.classes))
+        if not self.classes or len(set(self.classes)) != len(self.classes):
+            raise TaskError("classes", "need distinct class names")
+        if not all(isinstance(c, str) and c for c in self.classes):
+            raise TaskError("classes", "every class name must be a non-empty string")
+        if self.scheme not in SCHEMES:
+            raise TaskError("scheme", f"{self.scheme!r} is not one of {', '.join(SCHEMES)}")
+        if self.format not in CODECS:
+            raise TaskError("format", f"{self.format!r} is not one of {', '.join(CODECS)}")
+        if self.chroma not in CHROMA_SUBSAMPLING:
+            raise TaskError("chroma", f"{self.chroma!r} is not one of {', '.join(CHROMA_SUBSAMPLING)}")
+        if not 1 <= self.quality <= 100:
+            raise TaskError("quality", f"{self.quality} is not in 1..100")
+        if self.image_size < 1:
+            raise TaskError("image_size", f"{self.image_size} is not a positive number of pixels")
+        if self.encrypted and (self.block_size < 1 or self.image_size % self.block_size):
+            raise TaskError("image_size", f"{self.image_size} is not a multiple of task.block_size {self.block_size}")
+
+    @property
+    def encrypted(self) -> bool:
+        return self.scheme != "plain"
+
+    @property
+    def codec(self) -> Codec:
+        return Codec(self.format, self.quality, self.chroma)
+
+    @property
+    def model_input(self) -> ModelInput:
+        return ModelInput(self.image_size, self.block_size if self.encrypted else None, self.scheme)
+
+    def to_pb(self, pb_module, run_name: str, owner_id: str = ""):
+        """The gRPC message (``pb_module`` is ``protocol.proto.ingest_pb2``)."""
+        return pb_module.Task(run_name=run_name, classes=list(self.classes), image_size=self.image_size,
+                              block_size=self.block_size, scheme=self.scheme, format=self.format,
+                              quality=self.quality, chroma=self.chroma, owner_id=owner_id)
+
+    @classmethod
+    def from_pb(cls, message) -> Task:
+        """From a ``pb.Task`` a server sent: validated like any other task (raises TaskError)."""
+        return cls(tuple(message.classes), message.image_size, message.block_size, message.scheme, message.format,
+                   message.quality, message.chroma)
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What a network sees: colour and plain images (3, S, S); gray EtC's stacked YCbCr (1, S, 3S)."""
+
+    image_size: int  # pixels
+    block_size: int | None  # EtC block in pixels; None for plain images (no block grid to respect)
+    scheme: str
+
+    @property
+    def in_chans(self) -> int:
+        return 1 if self.scheme == "gray" else 3
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, columns) of one input image."""
+        return (self.image_size, 3 * self.image_size) if self.scheme == "gray" else (self.image_size, self.image_size)
