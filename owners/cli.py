@@ -61,8 +61,9 @@ def _log(msg: str) -> None:
 def cmd_encrypt(args: argparse.Namespace) -> int:
     from owners.encrypt import EncryptSettings, encrypt_folder
 
+    task = _task_from_flags(args)  # bad flags are refused before a key is created
     key = _key_or_plain(args, create=True, what="an unencrypted baseline")
-    settings = EncryptSettings(task=_task_from_flags(args), split=args.split, shard_images=args.shard_images,
+    settings = EncryptSettings(task=task, split=args.split, shard_images=args.shard_images,
                                max_bad_fraction=args.max_bad_fraction)
     summary = encrypt_folder(Path(args.data), Path(args.out), key, settings, overwrite=args.overwrite,
                              progress=False if args.no_progress else None)
@@ -78,10 +79,13 @@ def _task_from_flags(args: argparse.Namespace) -> Task:
     """The task ``owner-agent encrypt`` produces; classes default to the folder's, sorted."""
     from owners.images import scan_image_folder
 
+    block = args.block or DEFAULT_BLOCK[args.scheme]
+    if not args.plain:  # the cipher's own check names the flag values (--size, --block)
+        CipherGeometry(args.size, args.size, block, args.scheme)
     classes = (tuple(c.strip() for c in args.classes.split(",")) if args.classes
                else scan_image_folder(Path(args.data)).classes)
-    return Task(classes, args.size, args.block or DEFAULT_BLOCK.get(args.scheme, 16),
-                "plain" if args.plain else args.scheme, args.format, args.quality, args.chroma)
+    return Task(classes, args.size, block, "plain" if args.plain else args.scheme, args.format, args.quality,
+                args.chroma)
 
 
 def cmd_upload(args: argparse.Namespace) -> int:

@@ -1,19 +1,26 @@
 """The EtC cipher: golden vectors, exact inverses, true permutations, batch consistency."""
 import hashlib
-import itertools
 import hmac
+import itertools
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from owners.cipher import (
-    CHANNEL_ORDERS, BlockCipher, Geometry, GeometryError, derive_schedule, encrypt_reference,
-    rgb_to_stacked_ycbcr, split_blocks, transform_block,
+    CHANNEL_ORDERS,
+    BlockCipher,
+    CipherGeometry,
+    GeometryError,
+    derive_schedule,
+    encrypt_reference,
+    rgb_to_stacked_ycbcr,
+    split_blocks,
+    transform_block,
 )
 from owners.images import load_rgb, scan_image_folder
 from owners.keys import KeyStream
-from owners.shards import Codec, decode
+from protocol.codec import Codec, decode, psnr
 
 SECRET = bytes(range(32))
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cifar10-sample" / "test"
@@ -49,7 +56,7 @@ def test_key_stream_is_hmac_sha256_counter_stream():
 
 
 def test_colour_32x32_schedule_golden():
-    s = derive_schedule(SECRET, Geometry(32, 32, 16, "color"))
+    s = derive_schedule(SECRET, CipherGeometry(32, 32, 16, "color"))
     assert s.source.tolist() == [3, 0, 1, 2]
     assert s.transform.tolist() == [0, 6, 1, 5]
     assert s.negate.astype(int).tolist() == [0, 1, 0, 1]
@@ -59,9 +66,9 @@ def test_colour_32x32_schedule_golden():
 @pytest.mark.parametrize(
     "geometry, schedule_sha, encrypted_sha",
     [
-        (Geometry(32, 32, 16, "color"), "2295f7e532dfd65201bef8862648461c", "caeff672e721168ade6a1c8a8d88675e"),
-        (Geometry(32, 32, 8, "gray"), "c64e26c95144e6008fc426f458ecf909", "626f458417c593c432c0a18ad956c1bf"),
-        (Geometry(224, 224, 16, "color"), "3312b965c6c15e7d407685d85a832c5e", "c46497db2b0a3a940f447b484f1d6d5a"),
+        (CipherGeometry(32, 32, 16, "color"), "2295f7e532dfd65201bef8862648461c", "caeff672e721168ade6a1c8a8d88675e"),
+        (CipherGeometry(32, 32, 8, "gray"), "c64e26c95144e6008fc426f458ecf909", "626f458417c593c432c0a18ad956c1bf"),
+        (CipherGeometry(224, 224, 16, "color"), "3312b965c6c15e7d407685d85a832c5e", "c46497db2b0a3a940f447b484f1d6d5a"),
     ],
 )
 def test_schedule_and_ciphertext_golden(geometry, schedule_sha, encrypted_sha):
@@ -74,8 +81,8 @@ def test_schedule_and_ciphertext_golden(geometry, schedule_sha, encrypted_sha):
 # ---------------------------------------------------------------- exactness
 
 
-@pytest.mark.parametrize("geometry", [Geometry(32, 32, 16, "color"), Geometry(64, 48, 16, "color"),
-                                      Geometry(48, 32, 8, "color"), Geometry(224, 224, 16, "color")])
+@pytest.mark.parametrize("geometry", [CipherGeometry(32, 32, 16, "color"), CipherGeometry(64, 48, 16, "color"),
+                                      CipherGeometry(48, 32, 8, "color"), CipherGeometry(224, 224, 16, "color")])
 def test_colour_compiled_matches_reference_and_inverts_exactly(geometry):
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (3, geometry.height, geometry.width, 3), dtype=np.uint8)
@@ -88,7 +95,7 @@ def test_colour_compiled_matches_reference_and_inverts_exactly(geometry):
 
 
 def test_gray_compiled_matches_reference():
-    geometry = Geometry(32, 32, 8, "gray")
+    geometry = CipherGeometry(32, 32, 8, "gray")
     x = sample_images()
     cipher = BlockCipher(SECRET, geometry)
     planes = rgb_to_stacked_ycbcr(x)[..., None]
@@ -97,14 +104,9 @@ def test_gray_compiled_matches_reference():
     assert cipher.encrypt(x).shape == (len(x), 32, 96)
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 def test_colour_roundtrip_through_png_is_bit_exact_on_photos():
     x = sample_images(size=64)  # real photos, upsampled to 64x64 (16 blocks)
-    cipher = BlockCipher(SECRET, Geometry(64, 64, 16, "color"))
+    cipher = BlockCipher(SECRET, CipherGeometry(64, 64, 16, "color"))
     png = Codec(format="png")
     stored = np.stack([decode(png.encode(e)) for e in cipher.encrypt(x)])
     assert np.array_equal(cipher.decrypt(stored), x)
@@ -112,7 +114,7 @@ def test_colour_roundtrip_through_png_is_bit_exact_on_photos():
 
 def test_gray_roundtrip_through_png_within_ycbcr_rounding():
     x = sample_images()
-    cipher = BlockCipher(SECRET, Geometry(32, 32, 8, "gray"))
+    cipher = BlockCipher(SECRET, CipherGeometry(32, 32, 8, "gray"))
     png = Codec(format="png")
     stored = np.stack([decode(png.encode(e)) for e in cipher.encrypt(x)])
     assert stored.ndim == 3  # saved as single-channel grey images
@@ -123,12 +125,12 @@ def test_gray_roundtrip_through_png_within_ycbcr_rounding():
 
 
 def test_block_scramble_is_a_permutation_and_codes_are_in_range():
-    for geometry in (Geometry(224, 224, 16, "color"), Geometry(224, 224, 8, "gray")):
+    for geometry in (CipherGeometry(224, 224, 16, "color"), CipherGeometry(224, 224, 8, "gray")):
         s = derive_schedule(SECRET, geometry)
         assert sorted(s.source.tolist()) == list(range(geometry.num_blocks))
         assert set(s.transform.tolist()) == set(range(8))
         assert 0.4 < s.negate.mean() < 0.6
-    assert derive_schedule(SECRET, Geometry(224, 224, 8, "gray")).channel_order is None
+    assert derive_schedule(SECRET, CipherGeometry(224, 224, 8, "gray")).channel_order is None
 
 
 def test_eight_distinct_block_transforms_each_a_pixel_permutation():
@@ -146,7 +148,7 @@ def test_channel_orders_are_the_six_true_permutations():
 def test_no_channel_duplicated_in_any_block():
     # every pixel holds three distinct values; after encryption each pixel must still hold
     # the same three values (or all three XOR 255), never a repeated one
-    geometry = Geometry(64, 64, 16, "color")
+    geometry = CipherGeometry(64, 64, 16, "color")
     x = np.empty((1, 64, 64, 3), np.uint8)
     x[..., 0], x[..., 1], x[..., 2] = 10, 100, 200
     enc = BlockCipher(SECRET, geometry).encrypt(x)[0]
@@ -160,24 +162,24 @@ def test_no_channel_duplicated_in_any_block():
 
 def test_same_key_same_transform_for_every_image_in_any_batch():
     x = sample_images()
-    cipher = BlockCipher(SECRET, Geometry(32, 32, 16, "color"))
+    cipher = BlockCipher(SECRET, CipherGeometry(32, 32, 16, "color"))
     whole = cipher.encrypt(x)
     one_by_one = np.concatenate([cipher.encrypt(x[i:i + 1]) for i in range(len(x))])
     assert np.array_equal(whole, one_by_one)
-    assert np.array_equal(BlockCipher(SECRET, Geometry(32, 32, 16, "color")).encrypt(x), whole)
+    assert np.array_equal(BlockCipher(SECRET, CipherGeometry(32, 32, 16, "color")).encrypt(x), whole)
 
 
 def test_different_keys_give_different_ciphertexts():
     x = sample_images()
     other = bytes(reversed(range(32)))
-    for geometry in (Geometry(32, 32, 16, "color"), Geometry(32, 32, 8, "gray")):
+    for geometry in (CipherGeometry(32, 32, 16, "color"), CipherGeometry(32, 32, 8, "gray")):
         assert not np.array_equal(BlockCipher(SECRET, geometry).encrypt(x), BlockCipher(other, geometry).encrypt(x))
 
 
 def test_encryption_hides_structure():
     # correlation between the plain and encrypted pixel values, over many real images
     x = sample_images(size=64)
-    enc = BlockCipher(SECRET, Geometry(64, 64, 16, "color")).encrypt(x)
+    enc = BlockCipher(SECRET, CipherGeometry(64, 64, 16, "color")).encrypt(x)
     corr = np.corrcoef(x.reshape(len(x), -1).astype(float).ravel(), enc.reshape(len(x), -1).astype(float).ravel())[0, 1]
     assert abs(corr) < 0.3
 
@@ -191,11 +193,11 @@ def test_encryption_hides_structure():
 ])
 def test_geometry_errors_name_the_problem(height, width, block, scheme, words):
     with pytest.raises(GeometryError, match=words):
-        Geometry(height, width, block, scheme)
+        CipherGeometry(height, width, block, scheme)
 
 
 def test_wrong_batch_shape_is_a_clear_error():
-    cipher = BlockCipher(SECRET, Geometry(32, 32, 16, "color"))
+    cipher = BlockCipher(SECRET, CipherGeometry(32, 32, 16, "color"))
     with pytest.raises(GeometryError, match="expected uint8 batch of shape"):
         cipher.encrypt(np.zeros((2, 64, 64, 3), np.uint8))
     with pytest.raises(GeometryError, match="float32"):

@@ -12,7 +12,8 @@ from PIL import Image
 from owners.cli import main
 from owners.images import load_rgb
 from owners.keys import write_key_file
-from owners.shards import Manifest, decode, iter_samples
+from protocol.codec import decode
+from protocol.shards import Manifest, iter_samples
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cifar10-sample" / "test"
 # A recognisable secret: if any of its encodings shows up anywhere, the key leaked.
@@ -168,8 +169,8 @@ def test_canary_key_never_leaves_the_key_file(tmp_path, capsys, caplog, owner_ho
 
 
 def test_worker_processes_give_the_same_outbox_as_one_process(tmp_path):
+    from owners.encrypt import EncryptSettings, encrypt_folder
     from owners.keys import OwnerKey
-    from owners.prepare import EncryptSettings, encrypt_folder
 
     key = OwnerKey("k", bytes(range(32)))
     outs = []

@@ -4,6 +4,7 @@ while it trains in round 2; the federation finishes with the others. Only the tr
 server; no key secret appears in any process's argv or in the server's files."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,11 +17,13 @@ import pytest
 import torch
 import yaml
 
+from mlcore.checkpoint import model_from_checkpoint
+from mlcore.federated import SHARED_PREFIX, owner_model
+from models import UnknownKeyError
 from orchestrator.auth import token_sha256
-from orchestrator.fedtask import SHARED_PREFIX, owner_model
-from orchestrator.training import UnknownKeyError, model_from_checkpoint
 from owners.keys import read_key_file
-from tests.test_launch import CLASSES, SAMPLE, free_port
+from protocol.net import free_port
+from tests.test_launch import CLASSES, SAMPLE
 
 pytestmark = pytest.mark.slow
 
@@ -119,10 +122,8 @@ def test_federation_survives_an_owner_killed_mid_round(tmp_path):
         assert procs["orchestrator"].wait(WAIT) == 0, (logs / "orchestrator.err").read_text()[-3000:]
     finally:
         for p in procs.values():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     result = json.loads((logs / "orchestrator.out").read_text())
     rounds = [json.loads(line) for line in Path(result["metrics"]).read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3]

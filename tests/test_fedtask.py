@@ -5,19 +5,25 @@ from pathlib import Path
 import pytest
 import torch
 
+from mlcore.federated import (
+    SHARED_PREFIX,
+    FederatedPlan,
+    load_states,
+    owner_model,
+    owner_network,
+    private_state,
+    shared_state,
+)
+from mlcore.settings import TrainSettings
 from models.keyed import decode_adapter
-from orchestrator.config import TrainingConfig
-from orchestrator.data import Geometry
-from orchestrator.fedtask import (SHARED_PREFIX, FederatedPlan, load_states, owner_model, owner_network,
-                                  private_state, shared_state)
-from owners.cipher import Geometry as CipherGeometry
-from owners.cipher import derive_schedule
+from owners.cipher import CipherGeometry, derive_schedule
+from owners.encrypt import EncryptSettings, encrypt_folder
 from owners.keys import OwnerKey
-from owners.prepare import EncryptSettings, encrypt_folder
+from protocol.task import Task
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cifar10-sample"
-PLAN = FederatedPlan(("a", "b", "c"), Geometry(32, 16, "color"),
-                     TrainingConfig(strategy="federated", epochs=2, batch_size=16, lr=0.003), rounds=2, local_epochs=1)
+PLAN = FederatedPlan(Task(("a", "b", "c")),
+                     TrainSettings(strategy="federated", epochs=2, batch_size=16, lr=0.003), rounds=2, local_epochs=1)
 
 
 def test_plan_travels_as_json():
@@ -45,11 +51,11 @@ def test_only_the_trunk_is_shared_and_the_adapter_survives_a_round():
 @pytest.mark.slow
 def test_simulated_federation_keeps_adapters_at_the_owners(tmp_path):
     from orchestrator.federate import simulate
-    from owners.fl_client import OwnerSite, make_client_app
+    from owners.client_app import OwnerSite, make_client_app
 
     classes = ("airplane", "automobile")
-    plan = FederatedPlan(classes, Geometry(32, 16, "color"),
-                         TrainingConfig(strategy="federated", epochs=2, batch_size=16, lr=0.003), rounds=2,
+    plan = FederatedPlan(Task(classes),
+                         TrainSettings(strategy="federated", epochs=2, batch_size=16, lr=0.003), rounds=2,
                          local_epochs=1)
     data = tmp_path / "data"
     for cls in classes:
@@ -61,8 +67,9 @@ def test_simulated_federation_keeps_adapters_at_the_owners(tmp_path):
         key = OwnerKey(f"o{i}", bytes([i + 1]) * 32)
         for split in ("train", "test"):
             encrypt_folder(data, tmp_path / f"o{i}" / split, key,
-                           EncryptSettings(split=split, classes=classes), progress=False)
-        sites[i] = OwnerSite(tmp_path / f"o{i}" / "train", tmp_path / f"o{i}" / "test", key, tmp_path / f"o{i}" / "state")
+                           EncryptSettings(task=Task(classes), split=split), progress=False)
+        home = tmp_path / f"o{i}"
+        sites[i] = OwnerSite(home / "train", home / "test", key, home / "state")
     checkpoint = simulate(plan, make_client_app(sites), 2, 2, tmp_path / "server")
     payload = torch.load(checkpoint, weights_only=False)
     assert [r["round"] for r in payload["rounds"]] == [1, 2]

@@ -16,10 +16,16 @@ from PIL import Image
 
 from owners import images
 from owners.cli import main
-from owners.images import BadImage, load_rgb, scan_image_folder
-
+from owners.images import BadImage, DataFolderError, load_rgb, scan_image_folder
 from tests.badfiles import (
-    CLASS_A, CLASS_B, SCAN_SKIPPED, SPEC, bomb_png, halves, make_bad_folder, structured_rgb,
+    CLASS_A,
+    CLASS_B,
+    SCAN_SKIPPED,
+    SPEC,
+    bomb_png,
+    halves,
+    make_bad_folder,
+    structured_rgb,
 )
 
 SIZE = 32
@@ -282,20 +288,20 @@ def test_scan_labels_follow_class_list(tmp_path):
 def test_scan_unknown_class_folder(tmp_path):
     root = tmp_path / "data"
     _touch_images(root, ["cat/1.png", "ferret/1.png"])
-    with pytest.raises(ValueError, match="ferret"):
+    with pytest.raises(DataFolderError, match="ferret"):
         scan_image_folder(root, ("cat", "dog"))
 
 
 def test_scan_missing_or_flat_folder(tmp_path):
     missing = tmp_path / "nowhere"
-    with pytest.raises(ValueError, match=re.escape(str(missing))):
+    with pytest.raises(DataFolderError, match=re.escape(str(missing))):
         scan_image_folder(missing)
     flat = tmp_path / "flat"
     flat.mkdir()
     structured_rgb(20, 20, seed=1).save(flat / "x.png")
-    with pytest.raises(ValueError, match="class sub-folders"):
+    with pytest.raises(DataFolderError, match="class sub-folders"):
         scan_image_folder(flat)
-    with pytest.raises(ValueError, match=re.escape(str(flat / "x.png"))):
+    with pytest.raises(DataFolderError, match=re.escape(str(flat / "x.png"))):
         scan_image_folder(flat / "x.png")
 
 

@@ -11,13 +11,15 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
+from orchestrator.auth import token_sha256
 from orchestrator.config import parse_config
-from orchestrator.ingest import start_ingest, token_sha256
-from orchestrator.proto import ingest_pb2 as pb
-from orchestrator.proto import ingest_pb2_grpc as pb_grpc
+from orchestrator.ingest import start_ingest
+from owners.encrypt import EncryptSettings, encrypt_folder
 from owners.keys import OwnerKey
-from owners.prepare import EncryptSettings, encrypt_folder
-from owners.upload import Connection, IngestClient, UploadError, upload_outbox
+from owners.upload import Connection, IngestClient, ServiceError, upload_outbox
+from protocol.proto import ingest_pb2 as pb
+from protocol.proto import ingest_pb2_grpc as pb_grpc
+from protocol.task import Task
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "cifar10-sample" / "test"
@@ -49,7 +51,7 @@ def server(tmp_path):
 def outboxes(tmp_path_factory):
     """Two owners' encrypted test splits, four shards each."""
     root = tmp_path_factory.mktemp("outboxes")
-    settings = EncryptSettings(split="test", classes=tuple(CLASSES), shard_images=50)
+    settings = EncryptSettings(task=Task(tuple(CLASSES)), split="test", shard_images=50)
     for name, key in (("a", KEY_A), ("b", KEY_B)):
         encrypt_folder(SAMPLE, root / name, key, settings, progress=False)
     return SimpleNamespace(a=root / "a", b=root / "b")
@@ -109,7 +111,7 @@ def test_upload_commits_and_catalog_matches_the_manifest(server, outboxes):
     assert len(stored_objects(server)) == 4
     # a rerun sends nothing: count the bytes the second run streams
     sent = []
-    c.upload_shard = lambda *a, **k: sent.append(a)  # noqa: E731 - would be called only for missing shards
+    c.upload_shard = lambda *a, **k: sent.append(a)
     again = upload_outbox(outboxes.a, c)
     assert sent == [] and again.dataset_id == state.dataset_id and again.committed
 
@@ -120,7 +122,7 @@ def test_two_owners_upload_at_once(server, outboxes):
     def run(owner, outbox):
         try:
             results[owner] = upload_outbox(outbox, client(server, owner))
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=a) for a in (("hospital-a", outboxes.a), ("hospital-b", outboxes.b))]
@@ -140,18 +142,19 @@ def test_two_owners_upload_at_once(server, outboxes):
 def test_missing_or_wrong_token_is_unauthenticated_and_stores_nothing(server, outboxes):
     manifest = (outboxes.a / "manifest.json").read_bytes()
     s = stub(server)
+    header = pb.ShardHeader(dataset_id="d", shard_sha256="0" * 64)
     for metadata in ((), (("authorization", "Bearer not-a-token"),), (("authorization", "Basic abc"),)):
-        for call in (lambda: s.GetTask(pb.GetTaskRequest(), metadata=metadata, timeout=CALL),
-                     lambda: s.OpenDataset(pb.OpenDatasetRequest(manifest_json=manifest), metadata=metadata, timeout=CALL),
-                     lambda: s.UploadShard(iter([chunk(b"x" * 10, pb.ShardHeader(dataset_id="d", shard_sha256="0" * 64))]),
-                                           metadata=metadata, timeout=CALL)):
+        for call in (lambda m=metadata: s.GetTask(pb.GetTaskRequest(), metadata=m, timeout=CALL),
+                     lambda m=metadata: s.OpenDataset(pb.OpenDatasetRequest(manifest_json=manifest), metadata=m,
+                                                      timeout=CALL),
+                     lambda m=metadata: s.UploadShard(iter([chunk(b"x" * 10, header)]), metadata=m, timeout=CALL)):
             with pytest.raises(grpc.RpcError) as err:
                 call()
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert catalog(server, "SELECT COUNT(*) FROM datasets") == [(0,)]
     assert stored_objects(server) == [] and not any((server.root / "incoming").rglob("*.part"))
     bad = IngestClient(Connection(server.addr, "wrong"), log=lambda m: None)
-    with pytest.raises(UploadError, match="rejected the token"):
+    with pytest.raises(ServiceError, match="rejected the token"):
         upload_outbox(outboxes.a, bad)
 
 
@@ -234,16 +237,16 @@ def test_owners_cannot_touch_each_others_data(server, outboxes):
 def test_key_change_is_refused_unless_a_new_key_domain_is_asked_for(server, outboxes, tmp_path):
     upload_outbox(outboxes.a, client(server))
     other = tmp_path / "other"
-    encrypt_folder(SAMPLE, other, KEY_B, EncryptSettings(split="train", classes=tuple(CLASSES)), progress=False)
-    with pytest.raises(UploadError, match=f"key id {KEY_A.key_id}.*--new-key-domain"):
+    encrypt_folder(SAMPLE, other, KEY_B, EncryptSettings(task=Task(tuple(CLASSES)), split="train"), progress=False)
+    with pytest.raises(ServiceError, match=f"key id {KEY_A.key_id}.*--new-key-domain"):
         upload_outbox(other, client(server))
     assert upload_outbox(other, client(server), new_key_domain=True).committed
 
 
 def test_manifest_for_another_task_is_refused(server, tmp_path):
     out = tmp_path / "big"
-    encrypt_folder(SAMPLE, out, KEY_A, EncryptSettings(image_size=64, classes=tuple(CLASSES)), progress=False)
-    with pytest.raises(UploadError, match="image_size is 64 but the task says 32"):
+    encrypt_folder(SAMPLE, out, KEY_A, EncryptSettings(task=Task(tuple(CLASSES), image_size=64)), progress=False)
+    with pytest.raises(ServiceError, match="image_size is 64 but the task says 32"):
         upload_outbox(out, client(server))
     assert catalog(server, "SELECT COUNT(*) FROM datasets") == [(0,)]
 

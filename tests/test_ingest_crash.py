@@ -3,7 +3,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -13,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.ingest import token_sha256
+from orchestrator.auth import token_sha256
+from protocol.net import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +23,6 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 TOKENS = {"hospital-a": "token-a-crash-1", "hospital-b": "token-b-crash-2"}
 SHARDS = 20
 WAIT = 90  # seconds: upper bound on any wait below
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -11,9 +11,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from orchestrator.config import ConfigError, parse_config
 from orchestrator.ingest import start_ingest
-from owners.upload import Connection, IngestClient, UploadError, upload_outbox
+from owners.encrypt import EncryptSettings, encrypt_folder
+from owners.upload import Connection, IngestClient, ServiceError, upload_outbox
+from protocol.task import Task
 from tests.test_ingest import CLASSES, KEY_A, SAMPLE, TOKENS, config_dict
-from owners.prepare import EncryptSettings, encrypt_folder
 
 
 def _cert(name, key, issuer_name, issuer_key, ca=False, server=False):
@@ -51,7 +52,7 @@ def pki(tmp_path_factory):
     server = _write(folder, "server", _cert("127.0.0.1", server_key, ca_name, ca_key, server=True), server_key)
     client = _write(folder, "client", _cert("hospital-a", client_key, ca_name, ca_key), client_key)
     outbox = folder / "outbox"
-    encrypt_folder(SAMPLE, outbox, KEY_A, EncryptSettings(split="test", classes=tuple(CLASSES)), progress=False)
+    encrypt_folder(SAMPLE, outbox, KEY_A, EncryptSettings(task=Task(tuple(CLASSES)), split="test"), progress=False)
     return {"ca": ca_pem, "server": server, "client": client, "outbox": outbox}
 
 
@@ -73,7 +74,7 @@ def test_tls_upload(tmp_path, pki):
     service = tls_server(tmp_path, pki, mutual=False)
     try:
         assert upload_outbox(pki["outbox"], connect(service, ca_file=pki["ca"])).committed
-        with pytest.raises(UploadError):  # plaintext against a TLS server fails
+        with pytest.raises(ServiceError):  # plaintext against a TLS server fails
             upload_outbox(pki["outbox"], connect(service))
     finally:
         service.stop(0)
@@ -82,7 +83,7 @@ def test_tls_upload(tmp_path, pki):
 def test_mutual_tls_needs_a_client_certificate(tmp_path, pki):
     service = tls_server(tmp_path, pki, mutual=True)
     try:
-        with pytest.raises(UploadError):
+        with pytest.raises(ServiceError):
             connect(service, ca_file=pki["ca"]).get_task()
         client = connect(service, ca_file=pki["ca"], client_cert=pki["client"][0], client_key=pki["client"][1])
         assert client.get_task().owner_id == "hospital-a"

@@ -7,18 +7,21 @@ import pytest
 import torch
 
 from benchmarks.leakage import relative_recovery
-from models.keyed import BlockAdapter, KeyedModel, UnknownKeyError, decode_adapter, parameter_counts
+from mlcore import checkpoint as ckpt
+from mlcore.data import EncodedImages, outbox_refs
+from mlcore.loop import evaluate, make_optimizer, train_one_epoch
+from models import UnknownKeyError, build_network
+from models.keyed import BlockAdapter, KeyedModel, TokenAdapter, decode_adapter
 from orchestrator.config import TrainingConfig
-from orchestrator.data import EncodedImages, Geometry, ShardRef
-from orchestrator.serve import Predictor, QueryError
-from orchestrator.training import (CHECKPOINT_FILE, TrainJob, checkpoint_payload, evaluate, load_checkpoint,
-                                   make_model, make_optimizer, model_from_checkpoint, train_one_epoch)
+from orchestrator.errors import ModelNotTrainedForKey
+from orchestrator.serve import Predictor
+from orchestrator.training import TrainJob, make_model
 from owners.adapters import inverse_setting
-from owners.cipher import Geometry as CipherGeometry
-from owners.cipher import derive_schedule, encrypt_reference
+from owners.cipher import CipherGeometry, derive_schedule, encrypt_reference
+from owners.encrypt import EncryptSettings, encrypt_folder
 from owners.keys import OwnerKey
-from owners.prepare import EncryptSettings, encrypt_folder
-from owners.shards import Manifest
+from protocol.shards import Manifest
+from protocol.task import Task
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cifar10-sample" / "test"
 SECRETS = [b"CANARY-keyed-A-0123456789abcdef!", b"CANARY-keyed-B-0123456789abcdef!"]
@@ -57,8 +60,9 @@ def test_keyed_model_routes_each_image_through_its_keys_adapter_and_refuses_othe
         model(x, torch.tensor([0, 1, 2, 0, 1, 0]))
     with pytest.raises(UnknownKeyError, match="kc"):
         model.key_index("kc")
-    counts = parameter_counts(model)
-    assert counts["per_key"] == 4 * 4 + 4 * 8 + 4 * (9 + 3) and counts["total"] == counts["shared"] + 2 * counts["per_key"]
+    counts = model.parameter_counts()
+    assert counts["per_key"] == 4 * 4 + 4 * 8 + 4 * (9 + 3)
+    assert counts["total"] == counts["shared"] + 2 * counts["per_key"]
 
 
 def test_leakage_measure_sees_exact_adapters_and_not_fresh_ones():
@@ -83,11 +87,10 @@ def keyed_job(tmp_path_factory):
         out = tmp_path_factory.mktemp(f"owner{i}") / "outbox"
         encrypt_folder(SAMPLE, out, OwnerKey(f"k{i}", secret), EncryptSettings(split="train", shard_images=100),
                        progress=False)
-        m = Manifest.load(out)
-        refs += tuple(ShardRef(str(out / s.name), f"owner{i}", m.key_id, "train", s.count) for s in m.shards)
+        refs += outbox_refs(out, f"owner{i}")
     settings = TrainingConfig(model="convmixer_256_8_p4_k9", epochs=2, batch_size=32, strategy="key-adapters",
                               lr=3e-3, mixup_alpha=0.2, cutmix_prob=0.5)
-    return TrainJob("keyed", tuple(m.classes), Geometry(32, 16, "color"), refs, refs, settings,
+    return TrainJob("keyed", Task(tuple(Manifest.load(out).classes)), refs, refs, settings,
                     str(tmp_path_factory.mktemp("logs")), "test")
 
 
@@ -101,7 +104,7 @@ def test_key_adapters_train_checkpoint_and_serve_only_known_keys(keyed_job, tmp_
     optimizer, scheduler = make_optimizer(model, job.settings, 2 * len(loader))
     assert optimizer.param_groups[1]["lr"] == pytest.approx(optimizer.param_groups[0]["lr"] * 10)
     before = [a.placement.detach().clone() for a in model.adapters]
-    losses = [train_one_epoch(model, loader, optimizer, scheduler, job, torch.device("cpu"),
+    losses = [train_one_epoch(model, loader, optimizer, scheduler, job.settings, job.task, torch.device("cpu"),
                               torch.Generator().manual_seed(0))["train_loss"] for _ in range(2)]
     assert losses[1] < losses[0]
     assert all(not torch.equal(b, a.placement) for b, a in zip(before, model.adapters))  # adapters learn
@@ -110,7 +113,7 @@ def test_key_adapters_train_checkpoint_and_serve_only_known_keys(keyed_job, tmp_
     encrypt_folder(SAMPLE, other, OwnerKey("x", b"another key, never trained on..."),
                    EncryptSettings(split="test", shard_images=100), progress=False)
     m = Manifest.load(other)
-    unknown = [ShardRef(str(other / s.name), "stranger", m.key_id, "test", s.count) for s in m.shards]
+    unknown = list(outbox_refs(other, "stranger"))
     groups = [*job.groups, m.key_id]
     result = evaluate(model, EncodedImages(list(job.train) + unknown, groups), groups, job.settings,
                       torch.device("cpu"))
@@ -120,30 +123,28 @@ def test_key_adapters_train_checkpoint_and_serve_only_known_keys(keyed_job, tmp_
                       route={m.key_id: job.groups[0]})
     assert stolen["per_group"][m.key_id]["acc"] is not None
     # the checkpoint rebuilds the keyed model, holds no secret, and the predictor routes by key id
-    torch.save(checkpoint_payload(model, optimizer, scheduler, 1, job, {}), tmp_path / CHECKPOINT_FILE)
-    blob = (tmp_path / CHECKPOINT_FILE).read_bytes()
+    path = tmp_path / ckpt.CHECKPOINT_FILE
+    torch.save(ckpt.payload(job.checkpoint_header(), model, optimizer, scheduler, 1, {}), path)
+    blob = path.read_bytes()
     assert not any(s in blob or s.hex().encode() in blob for s in SECRETS)
-    restored = model_from_checkpoint(load_checkpoint(tmp_path / CHECKPOINT_FILE))
+    restored = ckpt.model_from_checkpoint(ckpt.load_checkpoint(path))
     assert isinstance(restored, KeyedModel) and restored.key_ids == job.groups
     trained = evaluate(model, data, job.groups, job.settings, torch.device("cpu"))["test_acc"]
     assert evaluate(restored, data, job.groups, job.settings, torch.device("cpu"))["test_acc"] == pytest.approx(trained)
-    predictor = Predictor(tmp_path / CHECKPOINT_FILE)
+    predictor = Predictor(path)
     encoded = data.encoded[:4]
     probs = {k: predictor.predict(encoded, k) for k in job.groups}
-    assert all(p.shape == (4, len(job.classes)) for p in probs.values())
+    assert all(p.shape == (4, len(job.task.classes)) for p in probs.values())
     assert not np.allclose(probs[job.groups[0]], probs[job.groups[1]])  # different adapters answer
-    with pytest.raises(QueryError, match="not trained on key id"):
+    with pytest.raises(ModelNotTrainedForKey, match="not trained on key id"):
         predictor.predict(encoded, m.key_id)
-    with pytest.raises(QueryError, match="not trained on key id"):
+    with pytest.raises(ModelNotTrainedForKey, match="not trained on key id"):
         predictor.predict(encoded, None)
 
 
 def test_keyed_vit_has_per_key_patch_and_position_embeddings_and_they_can_undo_a_scramble():
-    from orchestrator.training import build_network
-    from models.keyed import TokenAdapter
-
     torch.manual_seed(0)
-    model = build_network("key-adapters", "vit_192_6_p16_32", 10, Geometry(32, 16, "color"), ["ka", "kb"]).eval()
+    model = build_network("vit_192_6_p16_32", 10, Task(tuple("abcdefghij")).model_input, ["ka", "kb"]).eval()
     assert isinstance(model.adapters[0], TokenAdapter) and model.adapters[0].position.shape == (1, 4, 192)
     x = torch.randn(3, 3, 32, 32)
     # key b = key a with its blocks scrambled: b's adapter copies a's with the position table permuted
@@ -152,7 +153,9 @@ def test_keyed_vit_has_per_key_patch_and_position_embeddings_and_they_can_undo_a
     for i, src in enumerate(perm):
         r, c = divmod(i, 2)
         sr, sc = divmod(src, 2)
-        scrambled[:, :, r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = x[:, :, sr * 16:(sr + 1) * 16, sc * 16:(sc + 1) * 16]
+        target, source = (slice(r * 16, (r + 1) * 16), slice(c * 16, (c + 1) * 16)), \
+            (slice(sr * 16, (sr + 1) * 16), slice(sc * 16, (sc + 1) * 16))
+        scrambled[:, :, target[0], target[1]] = x[:, :, source[0], source[1]]
     with torch.no_grad():
         model.adapters[1].proj.load_state_dict(model.adapters[0].proj.state_dict())
         model.adapters[1].position.copy_(model.adapters[0].position[:, perm])

@@ -8,7 +8,13 @@ import pytest
 
 from owners import cli
 from owners.keys import (
-    KeyringError, OwnerKey, derive_from_passphrase, key_id_of, keyring_dir, list_keys, read_key_file,
+    KeyringError,
+    OwnerKey,
+    derive_from_passphrase,
+    key_id_of,
+    keyring_dir,
+    list_keys,
+    read_key_file,
     resolve_key,
 )
 

@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.request
@@ -10,16 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from mlcore.checkpoint import load_checkpoint
+from mlcore.data import outbox_refs
 from orchestrator.auth import token_sha256
 from orchestrator.config import TrainingConfig, parse_config
-from orchestrator.data import Geometry, ShardRef
-from orchestrator.training import TrainJob, load_checkpoint, run_training
+from orchestrator.training import TrainJob, run_training
 from owners.agent import run_agent
+from owners.encrypt import EncryptSettings, encrypt_folder
 from owners.keys import OwnerKey
 from owners.predict import predict_images
-from owners.prepare import EncryptSettings, encrypt_folder
-from owners.shards import Manifest
-from owners.upload import Connection, UploadError
+from owners.upload import Connection, ServiceError
+from protocol.net import free_port
+from protocol.task import Task
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +31,6 @@ TOKENS = {"hospital-a": "launch-token-a", "hospital-b": "launch-token-b"}
 SHARED = OwnerKey("shared", bytes(range(32)))
 PRIVATE = OwnerKey("private", bytes(range(100, 132)))
 WAIT = 600  # seconds: upper bound of any wait below
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def owner_folders(root: Path, per_class: int) -> dict[str, Path]:
@@ -82,13 +77,14 @@ def test_launch_trains_on_two_owners_reports_and_serves(tmp_path, monkeypatch):
     def run():
         try:
             outcome["report"] = launch(cfg, once=False, stop=stop, log=messages.append)
-        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertions below
+        except BaseException as exc:
             outcome["error"] = exc
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
-        wait_until(lambda: any(m.startswith("ingest service on port") for m in messages) or "error" in outcome, "ingest")
+        wait_until(lambda: any(m.startswith("ingest service on port") for m in messages) or "error" in outcome,
+                   "ingest")
         assert "error" not in outcome, outcome.get("error")
         dashboard = next(m.split(": ", 1)[1] for m in messages if m.startswith("Ray dashboard:"))
         folders = owner_folders(tmp_path / "data", per_class=30)
@@ -125,9 +121,9 @@ def test_launch_trains_on_two_owners_reports_and_serves(tmp_path, monkeypatch):
         assert [r.path for r in results] == [str(p) for p in images]
         for r in results:
             assert r.error is None and r.top[0][0] in CLASSES and 0 <= r.top[0][1] <= 1
-        with pytest.raises(UploadError, match="not trained on key id"):
+        with pytest.raises(ServiceError, match="not trained on key id"):
             predict_images(PRIVATE, images[:1], Connection(f"127.0.0.1:{serve_port}", TOKENS["hospital-b"]))
-        with pytest.raises(UploadError, match="UNAUTHENTICATED"):
+        with pytest.raises(ServiceError, match="UNAUTHENTICATED"):
             predict_images(SHARED, images[:1], Connection(f"127.0.0.1:{serve_port}", "wrong-token"))
     finally:
         stop.set()
@@ -139,11 +135,11 @@ def test_killed_training_worker_resumes_from_its_last_checkpoint(tmp_path):
     import ray
 
     out = tmp_path / "outbox"
-    encrypt_folder(SAMPLE / "test", out, SHARED, EncryptSettings(split="train", classes=tuple(CLASSES)), progress=False)
-    m = Manifest.load(out)
-    refs = tuple(ShardRef(str(out / s.name), "owner", m.key_id, "train", s.count) for s in m.shards)
+    settings = EncryptSettings(task=Task(tuple(CLASSES)), split="train")
+    encrypt_folder(SAMPLE / "test", out, SHARED, settings, progress=False)
+    refs = outbox_refs(out, "owner")
     settings = TrainingConfig(epochs=5, batch_size=25, max_failures=2)
-    job = TrainJob("kill-test", tuple(CLASSES), Geometry(32, 16, "color"), refs, refs, settings,
+    job = TrainJob("kill-test", Task(tuple(CLASSES)), refs, refs, settings,
                    str(tmp_path / "logs"), "test")
     metrics = tmp_path / "logs" / "metrics.jsonl"
     result = {}

@@ -4,13 +4,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from mlcore import checkpoint as ckpt
+from mlcore.augment import block_cutmix, mixup, partners, random_crop_flip
+from mlcore.data import EncodedImages, outbox_refs
+from mlcore.loop import evaluate, seen_and_unseen_accuracy, train_one_epoch
 from orchestrator.config import TrainingConfig
-from orchestrator.data import EncodedImages, Geometry, ShardRef, block_cutmix, mixup, partners, random_crop_flip
-from orchestrator.training import (CHECKPOINT_FILE, TrainJob, checkpoint_payload, evaluate, load_checkpoint,
-                                   model_from_checkpoint, train_one_epoch)
+from orchestrator.training import TrainJob, make_model
+from owners.encrypt import EncryptSettings, encrypt_folder
 from owners.keys import OwnerKey
-from owners.prepare import EncryptSettings, encrypt_folder
-from owners.shards import Manifest
+from protocol.shards import Manifest
+from protocol.task import Task
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cifar10-sample" / "test"
 SECRET = b"CANARY-training-0123456789abcdef"
@@ -20,11 +23,10 @@ SECRET = b"CANARY-training-0123456789abcdef"
 def job(tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "outbox"
     encrypt_folder(SAMPLE, out, OwnerKey("k", SECRET), EncryptSettings(split="train", shard_images=100), progress=False)
-    m = Manifest.load(out)
-    refs = tuple(ShardRef(str(out / s.name), "owner", m.key_id, "train", s.count) for s in m.shards)
+    refs = outbox_refs(out, "owner")
     settings = TrainingConfig(model="convmixer_256_8_p4_k9", epochs=1, batch_size=32, strategy="shared-key",
                               mixup_alpha=0.2, cutmix_prob=0.5)
-    return TrainJob("t", tuple(m.classes), Geometry(32, 16, "color"), refs, refs, settings, str(out), "test")
+    return TrainJob("t", Task(tuple(Manifest.load(out).classes)), refs, refs, settings, str(out), "test")
 
 
 def test_block_cutmix_moves_whole_blocks_only():
@@ -62,33 +64,32 @@ def test_mixing_partners_share_the_key():
 
 def test_one_epoch_learns_and_checkpoint_describes_itself_without_secrets(job, tmp_path):
     torch.manual_seed(0)
-    from orchestrator.training import make_model
-
     model = make_model(job).to(memory_format=torch.channels_last)
     data = EncodedImages(list(job.train), job.groups)
     assert len(data) == 200 and data[0][0].shape == (3, 32, 32) and data[0][0].dtype == torch.uint8
     loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, drop_last=True)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=3 * len(loader))
-    losses = [train_one_epoch(model, loader, opt, sched, job, torch.device("cpu"), torch.Generator())["train_loss"]
+    losses = [train_one_epoch(model, loader, opt, sched, job.settings, job.task, torch.device("cpu"),
+                                             torch.Generator())["train_loss"]
               for _ in range(3)]
     assert losses[-1] < losses[0]
     after = evaluate(model, data, job.groups, job.settings, torch.device("cpu"))
     assert set(after["per_group"]) == set(job.groups) and after["per_group"][job.groups[0]]["images"] == 200
-    torch.save(checkpoint_payload(model, opt, sched, 2, job, {"test_acc": after["test_acc"]}), tmp_path / CHECKPOINT_FILE)
-    payload = load_checkpoint(tmp_path / CHECKPOINT_FILE)
+    path = tmp_path / ckpt.CHECKPOINT_FILE
+    torch.save(ckpt.payload(job.checkpoint_header(), model, opt, sched, 2, {"test_acc": after["test_acc"]}), path)
+    payload = ckpt.load_checkpoint(path)
     assert payload["model"] == "convmixer_256_8_p4_k9" and payload["key_ids"] == job.groups
-    assert payload["geometry"] == {"image_size": 32, "block_size": 16, "scheme": "color"}
-    restored = model_from_checkpoint(payload)
+    assert ckpt.task_of(payload) == job.task and payload["run_name"] == "t" and payload["owners"] == ["owner"]
+    assert "workers" not in payload["training"]  # the ML settings only
+    restored = ckpt.model_from_checkpoint(payload)
     again = evaluate(restored, data, job.groups, job.settings, torch.device("cpu"))
     assert again["test_acc"] == pytest.approx(after["test_acc"])
-    blob = (tmp_path / CHECKPOINT_FILE).read_bytes()
+    blob = path.read_bytes()
     assert SECRET not in blob and SECRET.hex().encode() not in blob
 
 
 def test_per_epoch_test_accuracy_keeps_unseen_keys_apart():
-    from orchestrator.training import seen_and_unseen_accuracy
-
     per_group = {"k1": {"acc": 0.6, "images": 100}, "k2": {"acc": 0.4, "images": 300}, "x": {"acc": 0.1, "images": 50}}
     out = seen_and_unseen_accuracy(per_group, ["k1", "k2"])
     assert out["test_acc"] == pytest.approx(0.45) and out["test_acc_unseen_keys"] == pytest.approx(0.1)
