@@ -62,7 +62,8 @@ def block_cutmix(x: torch.Tensor, targets: torch.Tensor, block: int, perm: torch
     """CutMix with partner ``x[perm]`` in a rectangle on the EtC block grid, so no block is split."""
     _, _, h, w = x.shape
     rows, cols = h // block, w // block
-    r0, c0 = int(torch.randint(0, rows, (1,), generator=generator)), int(torch.randint(0, cols, (1,), generator=generator))
+    r0 = int(torch.randint(0, rows, (1,), generator=generator))
+    c0 = int(torch.randint(0, cols, (1,), generator=generator))
     r1 = int(torch.randint(r0 + 1, rows + 1, (1,), generator=generator))
     c1 = int(torch.randint(c0 + 1, cols + 1, (1,), generator=generator))
     out = x.clone()

@@ -86,7 +86,8 @@ class BlockAdapter(nn.Module):
     def from_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         n_img, _, c, b, _ = blocks.shape
         rows, cols = self.grid
-        return blocks.reshape(n_img, rows, cols, c, b, b).permute(0, 3, 1, 4, 2, 5).reshape(n_img, c, rows * b, cols * b)
+        grid = blocks.reshape(n_img, rows, cols, c, b, b).permute(0, 3, 1, 4, 2, 5)
+        return grid.reshape(n_img, c, rows * b, cols * b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blocks = self.to_blocks(x)

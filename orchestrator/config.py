@@ -192,7 +192,8 @@ def _validate_ingest(ing: IngestConfig) -> None:
     ids = [o.id for o in ing.owners]
     for i, owner in enumerate(ing.owners):
         if not OWNER_ID.match(owner.id):
-            raise ConfigError(f"ingest.owners[{i}].id: {owner.id!r} must be lower-case letters, digits, '.', '_' or '-'")
+            raise ConfigError(f"ingest.owners[{i}].id: {owner.id!r} must be lower-case letters, digits, '.', '_' "
+                              "or '-'")
         if not SHA256_HEX.match(owner.token_sha256):
             raise ConfigError(f"ingest.owners[{i}].token_sha256: expected 64 lower-case hex digits")
     if len(set(ids)) != len(ids):

@@ -88,9 +88,8 @@ def build_job(cfg: ClusterConfig, store: ShardStore) -> TrainJob:
                           f"{len(keys)} key ids ({', '.join(keys)}); use 'pooled' or re-encrypt with one key")
     # The Ray run is named after what it trains on and how: rerunning the same config on the same
     # data resumes it; new uploads or new settings start a new run instead of resuming a stale one.
-    plan = json.dumps([sorted((r.path, r.owner, r.key_id or "") for r in train),
-                       {k: str(v) for k, v in dataclasses.asdict(s).items() if k not in ("start_when", "wait_timeout_s")}],
-                      sort_keys=True)
+    how = {k: str(v) for k, v in dataclasses.asdict(s).items() if k not in ("start_when", "wait_timeout_s")}
+    plan = json.dumps([sorted((r.path, r.owner, r.key_id or "") for r in train), how], sort_keys=True)
     run_name = f"{cfg.name}-{hashlib.sha256(plan.encode()).hexdigest()[:10]}"
     job = TrainJob(run_name, cfg.task, train, test, s, str(store.root / "runs" / run_name), code_version())
     make_model(job)  # a bad model/geometry combination fails here, before Ray starts workers
@@ -133,7 +132,8 @@ def write_report(folder: Path, job: TrainJob, checkpoint: Path, rows: list[dict]
              f"test accuracy on keys seen in training: **{seen_acc:.1%}** (chance {chance:.0%})", "",
              "| owner | key id | seen in training | test images | accuracy |", "|---|---|---|---|---|"]
     lines += [f"| {r['owner']} | {r['key_id'] or '-'} | {'yes' if r['seen_in_training'] else 'NO'} | {r['images']} "
-              f"| {'refused (no adapter for this key)' if r['refused'] else format(r['accuracy'], '.1%')} |" for r in rows]
+              f"| {'refused (no adapter for this key)' if r['refused'] else format(r['accuracy'], '.1%')} |"
+              for r in rows]
     lines += ["", "| epoch | train loss | train acc | test acc (keys trained on) | images/s |", "|---|---|---|---|---|"]
     lines += [f"| {e['epoch']} | {e['train_loss']:.3f} | {e['train_acc']:.1%} | {e.get('test_acc', 0):.1%} | "
               f"{e['images_per_s']:.0f} |" for e in epochs]

@@ -65,7 +65,7 @@ class Predictor:
         for i, data in enumerate(encoded):
             try:
                 arr = decode(data)
-            except Exception as exc:  # noqa: BLE001 - any undecodable input is the caller's error
+            except Exception as exc:
                 raise InvalidRequest(f"image {i}: cannot decode ({type(exc).__name__})") from None
             if arr.shape != expected:
                 raise InvalidRequest(f"image {i}: shape {arr.shape}, the model expects {expected}")

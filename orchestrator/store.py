@@ -13,6 +13,7 @@ transport-independent; the gRPC servicer only translates.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -134,10 +135,12 @@ class ShardStore:
                 if manifest.key_id is not None:
                     known = [r[0] for r in db.execute("SELECT key_id FROM key_domains WHERE owner = ?", (owner,))]
                     if known and manifest.key_id not in known and not new_key_domain:
-                        raise WrongState(f"owner {owner} uploaded before with key id {', '.join(known)}; this data has key id "
+                        raise WrongState(
+                            f"owner {owner} uploaded before with key id {', '.join(known)}; this data has key id "
                             f"{manifest.key_id}. A model trained on one cannot classify the other. If you meant "
                             "to start a new key domain, rerun with --new-key-domain")
-                    db.execute("INSERT OR IGNORE INTO key_domains VALUES (?, ?, ?)", (owner, manifest.key_id, time.time()))
+                    db.execute("INSERT OR IGNORE INTO key_domains VALUES (?, ?, ?)",
+                               (owner, manifest.key_id, time.time()))
                 exists = db.execute("SELECT 1 FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
                 if not exists:
                     db.execute("INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
@@ -176,7 +179,7 @@ class ShardStore:
 
     # ------------------------------------------------------------------ shard uploads
 
-    def begin_upload(self, owner: str, dataset_id: str, sha256: str, offset: int) -> "ShardUpload":
+    def begin_upload(self, owner: str, dataset_id: str, sha256: str, offset: int) -> ShardUpload:
         rows = self._query("SELECT d.owner, s.size FROM dataset_shards s JOIN datasets d ON d.id = s.dataset_id "
                            "WHERE s.dataset_id = ? AND s.sha256 = ?", (dataset_id, sha256))
         if not rows or rows[0][0] != owner:
@@ -224,7 +227,7 @@ class _ChunkWriter(threading.Thread):
     def __init__(self, path: Path, digest) -> None:
         super().__init__(daemon=True, name=f"write-{path.name[:12]}")
         self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
-        self.file = open(path, "ab", buffering=0)
+        self.file = open(path, "ab", buffering=0)  # noqa: SIM115 - open for the writer thread's lifetime, closed in close()
         self.digest = digest
         self.error: OSError | None = None
         self.start()
@@ -312,8 +315,6 @@ class ShardUpload:
         """End the stream early (client gone, refused chunk): keep what was verified, free the shard."""
         if self._writer is not None:
             writer, self._writer = self._writer, None
-            try:
+            with contextlib.suppress(StorageUnavailable):  # already failing; the partial file is what the disk took
                 writer.close(sync=False)
-            except StorageUnavailable:
-                pass  # the stream is already failing; the partial file is what the disk took
         self.store._end_upload((self.owner, self.sha256))

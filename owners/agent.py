@@ -45,10 +45,10 @@ def encrypt_unless_current(data: Path, outbox: Path, key: OwnerKey | None, setti
     task and key): a rerun after a crash goes straight on to the upload."""
     fingerprint = source_fingerprint(data, settings, None if key is None else key.key_id)
     marker = outbox / LOCAL_DIR / "source.json"
-    if (outbox / MANIFEST_NAME).exists() and marker.exists():
-        if json.loads(marker.read_text()).get("fingerprint") == fingerprint:
-            log(f"outbox {outbox} is up to date; not encrypting again")
-            return
+    if ((outbox / MANIFEST_NAME).exists() and marker.exists()
+            and json.loads(marker.read_text()).get("fingerprint") == fingerprint):
+        log(f"outbox {outbox} is up to date; not encrypting again")
+        return
     summary = encrypt_folder(data, outbox, key, settings, overwrite=True, progress=progress)
     atomic_write(marker, json.dumps({"fingerprint": fingerprint}).encode())
     log(summary.line())

@@ -29,7 +29,7 @@ import numpy as np
 
 from owners.errors import OwnerError
 from owners.keys import KeyStream
-from protocol.task import DEFAULT_BLOCK, ENCRYPTED_SCHEMES, Task
+from protocol.task import ENCRYPTED_SCHEMES, Task
 
 SCHEMES = ENCRYPTED_SCHEMES
 # The 6 orders of (R, G, B); output channel c takes input channel order[c].

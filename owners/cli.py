@@ -19,7 +19,12 @@ from owners import __version__
 from owners.cipher import SCHEMES, CipherGeometry
 from owners.errors import OwnerError
 from owners.keys import (
-    KeyringError, announce_new_key, create_key, derive_from_passphrase, keyring_dir, list_keys,
+    KeyringError,
+    announce_new_key,
+    create_key,
+    derive_from_passphrase,
+    keyring_dir,
+    list_keys,
     resolve_key,
 )
 from owners.upload import Connection, read_token

@@ -24,8 +24,15 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from mlcore.data import ShardRef, shard_refs
-from mlcore.federated import FederatedPlan, load_states, local_evaluate, local_train, owner_network, private_state, \
-    shared_state
+from mlcore.federated import (
+    FederatedPlan,
+    load_states,
+    local_evaluate,
+    local_train,
+    owner_network,
+    private_state,
+    shared_state,
+)
 from owners.adapters import inverse_setting
 from owners.cipher import CipherGeometry, derive_schedule
 from owners.errors import OutboxError, OwnerError

@@ -69,7 +69,8 @@ def run_supernode(flower: str, config: dict[str, str], ca_file: Path | None, ins
         raise OwnerError("--ca-file is required for a TLS connection to the Flower server (or --insecure on loopback)")
     cmd = [str(BIN / "flower-supernode"), *security, "--superlink", flower, "--port", str(free_port()),
            "--node-config", node_config(config)]
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0",  # a privacy product sends no telemetry "OWNER_AGENT_HOME": str(keyring_dir().parent),
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0",  # a privacy product sends no telemetry
+           "OWNER_AGENT_HOME": str(keyring_dir().parent),
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # the SuperNode starts flower-superexec
     log(f"joining the federation at {flower}; adapter and data stay in {config['state-dir']} and your outbox. "
         "Ctrl-C leaves.")

@@ -59,7 +59,7 @@ class OwnerKey:
     def key_id(self) -> str:
         return key_id_of(self.secret)
 
-    def stream(self, label: str) -> "KeyStream":
+    def stream(self, label: str) -> KeyStream:
         return KeyStream(self.secret, label)
 
 

@@ -13,10 +13,10 @@ import stat
 import sys
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import grpc
 from tqdm import tqdm
@@ -109,7 +109,8 @@ def open_channel(conn: Connection) -> grpc.Channel:
     plaintext = conn.insecure or (conn.ca_file is None and conn.client_cert is None and is_loopback_host(host))
     if plaintext:
         if not is_loopback_host(host):
-            raise ServiceError(f"refusing to send the token in clear text to {conn.server}: plaintext is for loopback only")
+            raise ServiceError(f"refusing to send the token in clear text to {conn.server}: plaintext is for "
+                               "loopback only")
         return grpc.insecure_channel(conn.server, options=options)
     creds = grpc.ssl_channel_credentials(
         root_certificates=conn.ca_file.read_bytes() if conn.ca_file else None,
@@ -163,7 +164,8 @@ class IngestClient:
                      on_bytes: Callable[[int], None]) -> pb.ShardState:
         size = path.stat().st_size
         stream_rate = None if self.conn.max_rate is None else self.conn.max_rate / self.conn.streams
-        deadline = self.conn.call_timeout + (size - offset) / min(self.conn.min_upload_rate, stream_rate or float("inf"))
+        slowest = min(self.conn.min_upload_rate, stream_rate or float("inf"))  # bytes/s the deadline assumes
+        deadline = self.conn.call_timeout + (size - offset) / slowest
         return self.stub.UploadShard(_chunks(path, dataset_id, sha256, offset, on_bytes, stream_rate),
                                      metadata=self.metadata, timeout=deadline)
 

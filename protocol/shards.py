@@ -16,10 +16,9 @@ import json
 import os
 import re
 import tarfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
-
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "etc-webdataset"
@@ -63,14 +62,14 @@ class Manifest:
         return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
 
     @classmethod
-    def load(cls, folder: Path) -> "Manifest":
+    def load(cls, folder: Path) -> Manifest:
         path = Path(folder) / MANIFEST_NAME
         if not path.is_file():
             raise ManifestError(f"{path} not found: not a shard folder written by owner-agent encrypt")
         return cls.parse(path.read_bytes(), str(path))
 
     @classmethod
-    def parse(cls, data: bytes, where: str = MANIFEST_NAME) -> "Manifest":
+    def parse(cls, data: bytes, where: str = MANIFEST_NAME) -> Manifest:
         """Strict parse: a clear ValueError naming ``where`` and the field for anything off.
 
         The cloud parses owners' manifests with this too, so it checks what it trusts: types,
@@ -113,7 +112,8 @@ class Manifest:
         for i, shard in enumerate(self.shards):
             need(re.fullmatch(r"shard-\d{5}\.tar", str(shard.name)) is not None, f"shards[{i}].name",
                  f"{shard.name!r} is not shard-NNNNN.tar")
-            need(re.fullmatch(r"[0-9a-f]{64}", str(shard.sha256)) is not None, f"shards[{i}].sha256", "expected 64 hex digits")
+            need(re.fullmatch(r"[0-9a-f]{64}", str(shard.sha256)) is not None, f"shards[{i}].sha256",
+                 "expected 64 hex digits")
             need(isinstance(shard.bytes, int) and shard.bytes > 0, f"shards[{i}].bytes", "must be positive")
             need(isinstance(shard.count, int) and shard.count > 0, f"shards[{i}].count", "must be positive")
             need(shard.name not in names, f"shards[{i}].name", "duplicate")
@@ -157,7 +157,8 @@ class ShardWriter:
     def add(self, sid: str, encoded: bytes, label: int) -> None:
         if self._tar is None:
             self._path = self.folder / f"shard-{len(self.shards):05d}.tar"
-            self._tar = tarfile.open(self._path.with_suffix(".tar.partial"), "w", format=tarfile.USTAR_FORMAT)
+            partial = self._path.with_suffix(".tar.partial")
+            self._tar = tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - spans add() calls; _finish() closes it
             self._count = 0
         cls = str(label).encode("ascii")
         self._tar.addfile(_member(f"{sid}.{self.suffix}", len(encoded)), io.BytesIO(encoded))
