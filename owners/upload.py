@@ -43,7 +43,7 @@ def backoff_delay(attempt: int) -> float:
 def service_error(what: str, exc: grpc.RpcError) -> ServiceError:
     """The owner-facing error for a failed call."""
     if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-        return ServiceError(f"{what}: the server rejected the token ({exc.details()})")
+        return ServiceError(f"{what}: UNAUTHENTICATED: the server rejected the token ({exc.details()})")
     return ServiceError(f"{what}: {exc.code().name}: {exc.details()}")
 
 
