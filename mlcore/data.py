@@ -2,8 +2,8 @@
 
 Everything here is plain torch and numpy (no Ray): the training loop uses it on a laptop or inside
 a Ray Train worker alike. Images stay encoded in memory (about 1 KB each at 32x32) and are
-decoded per sample; pixels are normalised as (x/255 - 0.5)/0.5 so that negative-positive blocks
-become an exact sign flip (paper, Eq. 7).
+decoded per sample; pixels are normalised as (x/255 - 0.5)/0.5 so that a negative-positive block
+(p XOR 255 = 255 - p) becomes a sign flip, up to float rounding (``docs/design.md``).
 """
 from __future__ import annotations
 

@@ -27,8 +27,8 @@ class TrainSettings:
     cutmix_prob: float = 0.0  # probability of block-aligned CutMix instead of mixup for a batch
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU: bf16 is 6x slower on CPUs without AMX) | fp32 | bf16
     pretrained_file: Path | None = None  # local weights for timm models (e.g. ViT-B/16); never downloaded
-    adapter_lr_scale: float = 10.0  # key-adapters/federated: adapters' peak lr = lr x this (they
-    # must travel from "every block everywhere" to a hard permutation within one schedule)
+    adapter_lr_scale: float = 10.0  # key-adapters/federated: adapters' peak lr = lr x this (a soft
+    # block permutation must become a hard one within one schedule)
     seed: int = 0
 
     @property

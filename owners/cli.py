@@ -28,7 +28,7 @@ from owners.keys import (
     resolve_key,
 )
 from owners.upload import Connection, read_token
-from protocol.codec import CHROMA_SUBSAMPLING, CODECS, Codec
+from protocol.codec import CHROMA_SUBSAMPLING, CODECS, Codec, CodecError
 from protocol.shards import ManifestError
 from protocol.task import DEFAULT_BLOCK, Task, TaskError
 
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
         return args.func(args)
-    except (OwnerError, ManifestError, TaskError) as exc:
+    except (OwnerError, ManifestError, TaskError, CodecError) as exc:
         print(f"owner-agent {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -16,6 +16,10 @@ CHROMA_SUBSAMPLING = {"420": 2, "444": 0}  # our name -> Pillow's `subsampling`
 PNG_COMPRESS_LEVEL = 6  # zlib level: Pillow's default, fixed here so output never drifts
 
 
+class CodecError(ValueError):
+    """Codec settings out of range; the message names the setting."""
+
+
 @dataclass(frozen=True)
 class Codec:
     format: str = "jpeg"  # "jpeg" (lossy, small) or "png" (lossless)
@@ -24,11 +28,11 @@ class Codec:
 
     def __post_init__(self) -> None:
         if self.format not in CODECS:
-            raise ValueError(f"unknown format {self.format!r}: choose one of {CODECS}")
+            raise CodecError(f"unknown format {self.format!r}: choose one of {CODECS}")
         if not 1 <= self.quality <= 100:
-            raise ValueError(f"JPEG quality must be in 1..100, got {self.quality}")
+            raise CodecError(f"JPEG quality must be in 1..100, got {self.quality}")
         if self.chroma not in CHROMA_SUBSAMPLING:
-            raise ValueError(f"chroma must be one of {tuple(CHROMA_SUBSAMPLING)}, got {self.chroma!r}")
+            raise CodecError(f"chroma must be one of {tuple(CHROMA_SUBSAMPLING)}, got {self.chroma!r}")
 
     @property
     def suffix(self) -> str:

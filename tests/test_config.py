@@ -54,3 +54,14 @@ def test_check_command(tmp_path, capsys):
     bad.write_text("name: x\ntask: [1, 2\n")
     assert main(["check", str(bad)]) == 1
     assert "bad.yaml: not valid YAML" in capsys.readouterr().err
+
+
+def test_federated_link_is_loopback_or_tls():
+    """The Flower link carries every round's trunk: plaintext only on loopback, and TLS needs its CA."""
+    data = base()
+    data["training"].update(strategy="federated", epochs=2)
+    data["federated"] = {"listen": "0.0.0.0:9092", "local_epochs": 1}
+    with pytest.raises(ConfigError, match="federated.listen: without ingest.tls"):
+        parse_config(copy.deepcopy(data))
+    data["federated"]["listen"] = "127.0.0.1:9092"
+    assert parse_config(copy.deepcopy(data)).federated.listen == "127.0.0.1:9092"
