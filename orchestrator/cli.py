@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A privacy product sends no telemetry: Flower reads this when it is first imported.
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     try:
         return args.func(args)
     except (ConfigError, RunFailed) as exc:

@@ -47,6 +47,24 @@ def write_app(folder: Path) -> Path:
     return folder
 
 
+def control_address(listen: str) -> str:
+    """Where this machine reaches the SuperLink's Control API (one port with the Fleet and Runtime APIs
+    since Flower 1.41): a bind-all address becomes loopback, as Flower's own SuperExec does, so that a
+    TLS certificate is checked against a name it can hold (127.0.0.1), never against 0.0.0.0."""
+    host, _, port = listen.rpartition(":")
+    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "::": "[::1]"}.get(host, host)
+    return f"{host}:{port}"
+
+
+def cli_config(address: str, tls=None) -> str:
+    """The flwr CLI's ``config.toml``: one SuperLink connection, TLS with the CA when ``tls`` is set."""
+    lines = ["[superlink]", f"default = {json.dumps(FEDERATION)}", "", f"[superlink.{FEDERATION}]",
+             f"address = {json.dumps(address)}", f"insecure = {'true' if tls is None else 'false'}"]
+    if tls is not None:  # a TOML basic string is a JSON string; flwr wants an absolute path
+        lines.append(f"root-certificates = {json.dumps(str(Path(tls.ca).resolve()))}")
+    return "\n".join(lines) + "\n"
+
+
 class SuperLink:
     """flower-superlink in its own process group (it starts helper processes of its own)."""
 
@@ -55,10 +73,8 @@ class SuperLink:
         home.mkdir(parents=True, exist_ok=True)
         security = ["--insecure"] if tls is None else [
             "--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
-        insecure = "true" if tls is None else "false"
-        (home / "config.toml").write_text(f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
-                                          f'address = "{listen}"\ninsecure = {insecure}\n'
-                                          + ("" if tls is None else f'root-certificates = "{tls.ca}"\n'))
+        self.address = control_address(listen)
+        (home / "config.toml").write_text(cli_config(self.address, tls))
         self.env = flower_env(home)
         self.log = open(log_file, "ab")  # noqa: SIM115 - open for the process's lifetime
         self.process = subprocess.Popen([str(BIN / "flower-superlink"), *security, "--host", host, "--port", port],
@@ -86,6 +102,14 @@ class SuperLink:
         self.log.close()
 
 
+def not_answering(link: SuperLink, cfg: ClusterConfig, log_file: Path) -> str:
+    why = f"the Flower SuperLink on {cfg.federated.listen} did not answer the flwr CLI at {link.address}"
+    if cfg.ingest.tls is not None:  # a certificate that does not name the address reads as "unavailable" too
+        why += (f" over TLS (ingest.tls.cert must name {link.address.rpartition(':')[0]} and be signed by "
+                f"ingest.tls.ca {cfg.ingest.tls.ca})")
+    return f"{why}; see {log_file}"
+
+
 def run_federation(cfg: ClusterConfig, work: Path, stop: threading.Event, log=print, poll_s: float = 2.0) -> Path:
     """Start the SuperLink, submit the federation, wait for it to finish; returns the trunk checkpoint."""
     plan = plan_for(cfg)
@@ -102,8 +126,7 @@ def run_federation(cfg: ClusterConfig, work: Path, stop: threading.Event, log=pr
             if answer.get("success") or "unavailable" not in str(answer.get("error-message", "")):
                 submitted = answer
             elif time.monotonic() > deadline or link.process.poll() is not None:
-                raise RunFailed(f"the Flower SuperLink on {cfg.federated.listen} did not start; see "
-                                   f"{work / 'superlink.log'}")
+                raise RunFailed(not_answering(link, cfg, work / "superlink.log"))
             else:
                 time.sleep(1)
         if not submitted.get("success"):

@@ -21,6 +21,7 @@ from orchestrator.ingest import IngestService, start_ingest
 from orchestrator.store import ShardStore
 from orchestrator.training import TrainJob, make_model, run_training
 from protocol.shards import ShardInfo
+from protocol.task import SPLITS
 
 AVAILABLE_STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters")  # federated: `orchestrator federate`
 
@@ -43,7 +44,7 @@ def start_ray(cfg: RayConfig, log=print) -> str | None:
 def uploads_ready(store: ShardStore, owners: tuple[str, ...]) -> list[str]:
     """What is still missing before training may start (empty when ready)."""
     done = {(d["owner"], d["split"]) for d in store.committed_datasets()}
-    return [f"{o} {split}" for o in owners for split in ("train", "test") if (o, split) not in done]
+    return [f"{o} {split}" for o in owners for split in SPLITS if (o, split) not in done]
 
 
 def wait_for_uploads(store: ShardStore, owners: tuple[str, ...], timeout_s: float, stop: threading.Event,

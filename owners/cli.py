@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -30,7 +31,7 @@ from owners.keys import (
 from owners.upload import Connection, read_token
 from protocol.codec import CHROMA_SUBSAMPLING, CODECS, Codec, CodecError
 from protocol.shards import ManifestError
-from protocol.task import DEFAULT_BLOCK, Task, TaskError
+from protocol.task import DEFAULT_BLOCK, SPLITS, Task, TaskError
 
 KEY_HELP = "key name in the keyring (created on first use) or path of a key file; never the secret"
 
@@ -217,7 +218,7 @@ def _add_upload(sub) -> None:
     p.add_argument("--key", help=KEY_HELP)
     p.add_argument("--data", required=True, help="image folder laid out as DIR/<class>/<image>")
     _add_connection(p, "ingest service HOST:PORT")
-    p.add_argument("--split", choices=("train", "test"), default="train")
+    p.add_argument("--split", choices=SPLITS, default="train")
     p.add_argument("--plain", action="store_true", help="upload without encryption (plain baseline tasks)")
     p.add_argument("--outbox", help="where to keep the encrypted shards (default: under $OWNER_AGENT_HOME/outbox)")
     p.add_argument("--new-key-domain", action="store_true",
@@ -237,7 +238,7 @@ def _add_encrypt(sub) -> None:
     _add_geometry(p)
     _add_codec(p)
     p.add_argument("--plain", action="store_true", help="no encryption (a baseline); --key is then refused")
-    p.add_argument("--split", choices=("train", "test"), default="train")
+    p.add_argument("--split", choices=SPLITS, default="train")
     p.add_argument("--classes", help="comma-separated class list fixing label ids (default: sorted folder names)")
     p.add_argument("--shard-images", type=int, default=10_000, help="images per shard (default 10000)")
     p.add_argument("--max-bad-fraction", type=float, default=0.2,
@@ -319,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Images over Pillow's pixel limit are refused by load_rgb itself; Pillow's warning is noise.
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    # A privacy product sends no telemetry: Flower reads this when it is first imported.
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     try:
         return args.func(args)
     except (OwnerError, ManifestError, TaskError, CodecError) as exc:

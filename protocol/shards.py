@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from protocol.task import SCHEMES, SPLITS
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "etc-webdataset"
 MANIFEST_VERSION = 1
@@ -97,8 +99,8 @@ class Manifest:
             if not ok:
                 raise ManifestError(f"{where}: {field_name}: {why}")
 
-        need(self.split in ("train", "test"), "split", f"{self.split!r} is not train or test")
-        need(self.scheme in ("color", "gray", "plain"), "scheme", f"{self.scheme!r} is unknown")
+        need(self.split in SPLITS, "split", f"{self.split!r} is not train or test")
+        need(self.scheme in SCHEMES, "scheme", f"{self.scheme!r} is unknown")
         need((self.key_id is None) == (self.scheme == "plain"), "key_id", "present exactly when encrypted")
         need(self.key_id is None or re.fullmatch(r"[0-9a-f]{16}", str(self.key_id)) is not None,
              "key_id", "expected 16 hex digits")
