@@ -77,8 +77,9 @@ class SuperLink:
         (home / "config.toml").write_text(cli_config(self.address, tls))
         self.env = flower_env(home)
         self.log = open(log_file, "ab")  # noqa: SIM115 - open for the process's lifetime
-        self.process = subprocess.Popen([str(BIN / "flower-superlink"), *security, "--host", host, "--port", port],
-                                        env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+        command = [str(BIN / "flower-superlink"), *security, "--host", host.strip("[]"), "--port", port]  # Flower
+        # brackets an IPv6 host itself
+        self.process = subprocess.Popen(command, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
 
     def flwr(self, *args: str, cwd: Path | None = None, timeout: float = 120) -> dict:
