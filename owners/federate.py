@@ -4,7 +4,7 @@
         --flower HOST:PORT
 
 Fetches the task from the ingest service (as an upload would), encrypts DIR into a local outbox
-(reused when unchanged), then runs a Flower SuperNode whose ClientApp (``owners/fl_client.py``,
+(reused when unchanged), then runs a Flower SuperNode whose ClientApp (``owners/client_app.py``,
 installed here) trains on that outbox. The SuperNode's node config names the outbox folders, the
 key (its keyring name or file path: never the secret) and where the private adapter is kept.
 It runs until Ctrl-C, serving every federation the orchestrator starts.
