@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -47,6 +48,22 @@ def best_of(fn, repeat: int, number: int = 1) -> float:
             fn()
         best = min(best, (time.perf_counter() - t0) / number)
     return best
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float = 60.0, log: Path | None = None) -> None:
+    """Return once 127.0.0.1:``port`` accepts TCP connections; fail if ``proc`` exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            why = f"exited with {proc.returncode}" if proc.poll() is not None else f"not up after {timeout_s:.0f} s"
+            tail = log.read_text()[-2000:] if log is not None and log.exists() else ""
+            raise RuntimeError(f"server on port {port} {why}" + (f":\n{tail}" if tail else ""))
+        time.sleep(0.1)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -1,7 +1,7 @@
 """How much of the plain image's structure survives encryption: SSIM over many keys, key space.
 
-For every (scheme, size) it encrypts real photos (CIFAR-10 JPEGs from ../shared, or the shipped
-sample) under many random keys and reports the SSIM between the stored encrypted image (after
+For every (scheme, size) it encrypts real photos (CIFAR-10 JPEGs from ../shared/data/cifar10-jpeg,
+or the shipped sample) under many random keys and reports the SSIM between the stored encrypted image (after
 the JPEG round trip, q85) and the plain image in the same representation (colour: RGB; gray:
 the stacked YCbCr plane). Also the number of blocks and log2 of the key space per geometry.
 """
@@ -16,12 +16,12 @@ import numpy as np
 
 from benchmarks._common import ROOT, report
 from benchmarks.metrics import ssim
-from owners.cipher import BlockCipher, Geometry, rgb_to_stacked_ycbcr
+from owners.cipher import BlockCipher, CipherGeometry, rgb_to_stacked_ycbcr
 from owners.images import load_rgb, scan_image_folder
-from owners.shards import Codec, decode
+from protocol.codec import Codec, decode
 
 
-def key_space_bits(geometry: Geometry) -> float:
+def key_space_bits(geometry: CipherGeometry) -> float:
     """log2(n! * 8^n * 2^n * 6^n) for colour, log2(n! * 8^n * 2^n) for gray."""
     n = geometry.num_blocks
     per_block = 8 * 2 * (6 if geometry.scheme == "color" else 1)
@@ -43,7 +43,7 @@ def main() -> None:
     for size in (32, 224):
         plain = np.stack([load_rgb(item.path, size)[0] for item in items])
         for scheme, block in (("color", 16), ("gray", 8)):
-            geometry = Geometry(size, size, block, scheme)
+            geometry = CipherGeometry(size, size, block, scheme)
             reference = plain if scheme == "color" else rgb_to_stacked_ycbcr(plain)
             per_key = []
             for _ in range(args.keys):

@@ -14,7 +14,8 @@ import argparse
 import numpy as np
 
 from benchmarks._common import best_of, report
-from owners.cipher import BlockCipher, Geometry, encrypt_reference, rgb_to_stacked_ycbcr
+from owners.cipher import BlockCipher, CipherGeometry, encrypt_reference, rgb_to_stacked_ycbcr
+from protocol.task import DEFAULT_BLOCK
 
 SECRET = bytes(range(32))
 
@@ -31,7 +32,7 @@ def measure(size: int, count: int, ref_count: int, scheme: str, repeat: int) -> 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8)
     mb = x.nbytes / 1e6
-    cipher = BlockCipher(SECRET, Geometry(size, size, {"color": 16, "gray": 8}[scheme], scheme))
+    cipher = BlockCipher(SECRET, CipherGeometry(size, size, DEFAULT_BLOCK[scheme], scheme))
     enc = cipher.encrypt(x)  # warm-up: numba compiles (or loads its cache) on first call
     cipher.decrypt(enc)
     dst = np.empty_like(x)

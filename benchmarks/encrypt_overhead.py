@@ -1,4 +1,4 @@
-"""End-to-end cost of owners.prepare.encrypt_folder with a colour key vs the plain scheme.
+"""End-to-end cost of owners.encrypt.encrypt_folder with a colour key vs the plain scheme.
 
 A temporary image folder DIR/<class>/ of symlinks to the first --per-class CIFAR-10 training
 JPEGs is prepared into temporary outboxes, alternating plain and colour runs, after one untimed
@@ -15,13 +15,13 @@ import tempfile
 from pathlib import Path
 
 from benchmarks._common import report
+from owners.encrypt import EncryptSettings, encrypt_folder
 from owners.keys import OwnerKey
-from owners.prepare import EncryptSettings, encrypt_folder
+from protocol.task import Task
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared/data/cifar10-jpeg/train"
 KEY = OwnerKey(name="bench", secret=bytes(range(32)))
-MODES = {"plain": (None, EncryptSettings(scheme="plain")),
-         "colour EtC": (KEY, EncryptSettings(scheme="color", block_size=16))}
+MODES = {"plain": (None, "plain"), "colour EtC": (KEY, "color")}  # mode -> (key, task.scheme)
 
 
 def link_folder(src: Path, dst: Path, per_class: int) -> int:
@@ -35,7 +35,9 @@ def link_folder(src: Path, dst: Path, per_class: int) -> int:
 
 
 def run_once(data: Path, work: Path, mode: str) -> tuple[float, int]:
-    key, settings = MODES[mode]
+    key, scheme = MODES[mode]
+    classes = tuple(sorted(p.name for p in data.iterdir() if p.is_dir()))  # what encrypt defaults to
+    settings = EncryptSettings(task=Task(classes, scheme=scheme))  # 32x32, block 16, JPEG q85 4:2:0
     out = work / "outbox"
     try:
         summary = encrypt_folder(data, out, key, settings, progress=False)

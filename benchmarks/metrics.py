@@ -1,4 +1,4 @@
-"""Image similarity metrics shared by benchmarks and tests (numpy only)."""
+"""Image similarity metrics shared by benchmarks and tests (numpy only). PSNR: ``protocol.codec.psnr``."""
 from __future__ import annotations
 
 import numpy as np
@@ -36,7 +36,3 @@ def ssim(a: np.ndarray, b: np.ndarray, window: int = 7, sigma: float = 1.5) -> n
     smap = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return smap.reshape(len(a), -1).mean(axis=1)
 
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))

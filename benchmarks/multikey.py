@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -36,19 +37,19 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._common import ROOT, machine_facts
-from orchestrator.config import TrainingConfig, load_dataclass
-from orchestrator.data import Geometry, ShardRef
-from orchestrator.launch import evaluate_checkpoint
 from benchmarks.leakage import relative_order_from_positions, relative_recovery
-from models.keyed import KeyedModel, TokenAdapter, parameter_counts
-from orchestrator.training import (TrainJob, code_version, evaluate, load_checkpoint, model_from_checkpoint,
-                                   run_training)
-from orchestrator.data import EncodedImages
-from owners.cipher import Geometry as CipherGeometry
-from owners.cipher import derive_schedule
+from mlcore.checkpoint import code_version, load_checkpoint, model_from_checkpoint
+from mlcore.data import EncodedImages, ShardRef, outbox_refs
+from mlcore.loop import evaluate
+from models import Network
+from models.keyed import TokenAdapter
+from orchestrator.config import TrainingConfig, load_dataclass
+from orchestrator.launch import evaluate_checkpoint
+from orchestrator.training import TrainJob, run_training
+from owners.cipher import CipherGeometry, derive_schedule
+from owners.encrypt import EncryptSettings, encrypt_folder
 from owners.keys import OwnerKey
-from owners.prepare import EncryptSettings, encrypt_folder
-from owners.shards import Manifest
+from protocol.task import Task
 
 STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters", "federated", "federated-shared-key")
 
@@ -81,7 +82,8 @@ def key_for(name: str, seed: int) -> OwnerKey:
     return OwnerKey(name, hashlib.sha256(f"multikey-experiment/{seed}/{name}".encode()).digest())
 
 
-def split_owners(files: dict[str, list[Path]], k: int, partition: str, alpha: float, rng) -> list[dict[str, list[Path]]]:
+def split_owners(files: dict[str, list[Path]], k: int, partition: str, alpha: float,
+                 rng) -> list[dict[str, list[Path]]]:
     """Per owner: class -> files. IID: equal shares; dirichlet: per-class shares ~ Dir(alpha)."""
     shares = [{c: [] for c in files} for _ in range(k)]
     for cls, paths in files.items():
@@ -106,11 +108,9 @@ def materialise(share: dict[str, list[Path]], folder: Path) -> None:
             (folder / cls / p.name).symlink_to(p)
 
 
-def prepare(folder: Path, out: Path, key: OwnerKey | None, classes: tuple[str, ...], split: str, owner: str) -> tuple[ShardRef, ...]:
-    encrypt_folder(folder, out, key, EncryptSettings(scheme="plain" if key is None else "color", split=split,
-                                                      classes=classes, max_bad_fraction=1.0), progress=False)
-    m = Manifest.load(out)
-    return tuple(ShardRef(str(out / s.name), owner, m.key_id, split, s.count) for s in m.shards)
+def prepare(folder: Path, out: Path, key: OwnerKey | None, task: Task, split: str, owner: str) -> tuple[ShardRef, ...]:
+    encrypt_folder(folder, out, key, EncryptSettings(task=task, split=split, max_bad_fraction=1.0), progress=False)
+    return outbox_refs(out, owner)
 
 
 def run_cell(cfg: ExperimentConfig, k: int, partition: str, strategy: str, shares, test_dir: Path,
@@ -120,22 +120,21 @@ def run_cell(cfg: ExperimentConfig, k: int, partition: str, strategy: str, share
     shared = strategy in ("shared-key", "federated-shared-key")
     keys = {f"owner{i}": (None if strategy == "plain" else
                           key_for("shared" if shared else f"owner{i}", cfg.seed)) for i in range(k)}
+    task = Task(classes, scheme="plain" if strategy == "plain" else "color")  # 32x32, block 16, JPEG q85
     train, test = (), ()
     for i, share in enumerate(shares):
         owner = f"owner{i}"
         if not any(share.values()):
             continue  # a Dirichlet split can leave an owner without images
         materialise(share, work / tag / owner / "imgs")
-        train += prepare(work / tag / owner / "imgs", work / tag / owner / "train", keys[owner], classes, "train", owner)
+        train += prepare(work / tag / owner / "imgs", work / tag / owner / "train", keys[owner], task, "train", owner)
     for owner in sorted({r.owner for r in train}):
-        test += prepare(test_dir, work / tag / owner / "test", keys[owner], classes, "test", owner)
+        test += prepare(test_dir, work / tag / owner / "test", keys[owner], task, "test", owner)
     if strategy != "plain":
-        test += prepare(test_dir, work / tag / "wrong-key", key_for("wrong", cfg.seed), classes, "test", "wrong-key")
+        test += prepare(test_dir, work / tag / "wrong-key", key_for("wrong", cfg.seed), task, "test", "wrong-key")
     settings = TrainingConfig(model=cfg.model, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                               seed=cfg.seed, strategy=strategy, adapter_lr_scale=cfg.adapter_lr_scale)
-    job = TrainJob(tag, classes, Geometry(32, None if strategy == "plain" else 16,
-                                          "plain" if strategy == "plain" else "color"),
-                   train, test, settings, str(work / tag / "logs"), code_version())
+    job = TrainJob(tag, task, train, test, settings, str(work / tag / "logs"), code_version())
     if strategy in ("federated", "federated-shared-key"):
         return federated_cell(cfg, k, partition, job, keys, work / tag, strategy)
     started = time.perf_counter()
@@ -150,11 +149,11 @@ def run_cell(cfg: ExperimentConfig, k: int, partition: str, strategy: str, share
               "per_owner": {r["owner"]: r["accuracy"] for r in owners},
               "wrong_key_accuracy": wrong[0]["accuracy"] if wrong else None,
               "wrong_key_refused": bool(wrong and wrong[0]["refused"]),
-              "train_images": sum(r.images for r in train), "parameters": parameter_counts(model),
+              "train_images": sum(r.images for r in train), "parameters": model.parameter_counts(),
               "leakage": None}
-    if isinstance(model, KeyedModel):
+    if model.key_ids:  # a per-key input stage: it refuses the wrong key, so try the attacker's way
         result["wrong_key_accuracy"] = stolen_key_id_accuracy(model, job, test)
-        result["leakage"] = adapter_leakage(model, cfg, keys)
+        result["leakage"] = adapter_leakage(model, job.task, keys)
     return result
 
 
@@ -164,15 +163,16 @@ def federated_cell(cfg: ExperimentConfig, k: int, partition: str, job: TrainJob,
     import ray
     import torch
 
+    from mlcore.federated import FederatedPlan, owner_model
     from orchestrator.federate import simulate
-    from orchestrator.fedtask import FederatedPlan, owner_model
-    from owners.fl_client import OwnerSite, make_client_app
+    from owners.client_app import OwnerSite, make_client_app
 
     owners = sorted({r.owner for r in job.train})
-    settings = job.settings
+    # the plan's strategy is "federated" for both cells: the trunk checkpoint then rebuilds as a keyed network
+    settings = dataclasses.replace(job.settings.core(), strategy="federated")
     if cfg.federated_split_batch:
         settings = dataclasses.replace(settings, batch_size=max(1, cfg.batch_size // len(owners)))
-    plan = FederatedPlan(job.classes, job.geometry, settings, cfg.epochs // cfg.local_epochs, cfg.local_epochs)
+    plan = FederatedPlan(job.task, settings, cfg.epochs // cfg.local_epochs, cfg.local_epochs)
     # the one-key FedAvg baseline knows nothing of the key: its adapters start at identity
     init = "learned" if strategy == "federated-shared-key" else cfg.federated_adapter_init
     sites = {i: OwnerSite(folder / owner / "train", folder / owner / "test", keys[owner], folder / owner / "state",
@@ -194,7 +194,7 @@ def federated_cell(cfg: ExperimentConfig, k: int, partition: str, job: TrainJob,
     victim = keys[owners[0]].key_id
     wrong_acc = evaluate(models[owners[0]], EncodedImages(wrong, [wrong[0].key_id]), [wrong[0].key_id], job.settings,
                          torch.device("cpu"), route={wrong[0].key_id: victim})["test_acc"]
-    counts = parameter_counts(models[owners[0]])
+    counts = models[owners[0]].parameter_counts()
     return {"k": k, "partition": partition, "strategy": strategy, "minutes": minutes,
             "accuracy": float(np.mean(list(accuracy.values()))), "per_owner": accuracy,
             "wrong_key_accuracy": wrong_acc, "wrong_key_refused": True,
@@ -205,7 +205,7 @@ def federated_cell(cfg: ExperimentConfig, k: int, partition: str, job: TrainJob,
             "rounds": trunk["rounds"]}
 
 
-def stolen_key_id_accuracy(model: KeyedModel, job: TrainJob, test) -> float:
+def stolen_key_id_accuracy(model: Network, job: TrainJob, test) -> float:
     """Wrong-key images presented under owner0's key id (the adapter an attacker would borrow)."""
     import torch
 
@@ -216,9 +216,9 @@ def stolen_key_id_accuracy(model: KeyedModel, job: TrainJob, test) -> float:
     return out["test_acc"]
 
 
-def adapter_leakage(model: KeyedModel, cfg: ExperimentConfig, keys: dict) -> dict:
+def adapter_leakage(model: Network, task: Task, keys: dict) -> dict:
     """relative_recovery of the adapters against the owners' true schedules (known here only)."""
-    geometry = CipherGeometry(32, 32, 16, "color")
+    geometry = CipherGeometry.for_task(task)
     by_id = {key.key_id: key for key in keys.values() if key is not None}
     schedules = [derive_schedule(by_id[kid].secret, geometry) for kid in model.key_ids]
     if isinstance(model.adapters[0], TokenAdapter):
@@ -230,6 +230,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="experiment YAML (fields of ExperimentConfig)")
     cfg = load_dataclass(ExperimentConfig, parser.parse_args().config)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no telemetry: Flower reads this on first import
     unknown = set(cfg.strategies) - set(STRATEGIES)
     if unknown:
         raise SystemExit(f"strategies not available yet: {', '.join(sorted(unknown))} (have {', '.join(STRATEGIES)})")
@@ -258,8 +259,9 @@ def main() -> None:
                     r = results[-1]
                     r.update(code_version=code_version(), config=_jsonable(cfg))
                     write_outputs(cfg, [r], quiet=True)  # after every cell: an interrupted run keeps its cells
+                    wrong = r["wrong_key_accuracy"]
                     print(f"K={k} {partition} {strategy}: {r['accuracy']:.1%} "
-                          f"(wrong key {r['wrong_key_accuracy'] if r['wrong_key_accuracy'] is None else format(r['wrong_key_accuracy'], '.1%')}), "
+                          f"(wrong key {wrong if wrong is None else format(wrong, '.1%')}), "
                           f"{r['minutes']:.1f} min", flush=True)
     finally:
         ray.shutdown()
@@ -271,7 +273,10 @@ def write_outputs(cfg: ExperimentConfig, results: list[dict], quiet: bool = Fals
     """results.json accumulates: cells of earlier runs into the same ``out`` stay unless rerun."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    cell = lambda r: (r["k"], r["partition"], r["strategy"])  # noqa: E731
+
+    def cell(r: dict) -> tuple:
+        return r["k"], r["partition"], r["strategy"]
+
     earlier = json.loads((out / "results.json").read_text())["results"] if (out / "results.json").exists() else []
     rerun = {cell(r) for r in results}
     order = {s: i for i, s in enumerate(STRATEGIES)}

@@ -15,11 +15,25 @@ from pathlib import Path
 import torch
 
 from benchmarks._common import ROOT, report
-from benchmarks.train_accuracy import KEY, refs, subset
+from benchmarks.train_accuracy import KEY, subset
+from mlcore.data import EncodedImages, group_names, outbox_refs
+from mlcore.loop import make_optimizer, train_one_epoch
 from orchestrator.config import TrainingConfig
-from orchestrator.data import EncodedImages, Geometry
-from orchestrator.training import TrainJob, make_model, train_one_epoch
-from owners.prepare import EncryptSettings, encrypt_folder
+from orchestrator.training import TrainJob, make_model
+from owners.encrypt import EncryptSettings, encrypt_folder
+from protocol.task import Task
+
+
+def loaders(work: Path, classes: tuple[str, ...], batch_size: int) -> dict[str, torch.utils.data.DataLoader]:
+    """The images of ``work/imgs`` prepared plain and colour-EtC encrypted, one loader each."""
+    out = {}
+    for name, scheme, key in (("plain", "plain", None), ("colour EtC", "color", KEY)):
+        encrypt_folder(work / "imgs", work / scheme, key, EncryptSettings(task=Task(classes, scheme=scheme)),
+                       progress=False)
+        refs = list(outbox_refs(work / scheme, "o"))
+        out[name] = torch.utils.data.DataLoader(EncodedImages(refs, group_names(refs)), batch_size=batch_size,
+                                                shuffle=True, drop_last=True)
+    return out
 
 
 def main() -> None:
@@ -36,19 +50,15 @@ def main() -> None:
     try:
         classes = subset(Path(args.data), work / "imgs", 0, args.per_class)
         settings = TrainingConfig(model=args.model, batch_size=64)
-        loaders = {}
-        for name, scheme, key in (("plain", "plain", None), ("colour EtC", "color", KEY)):
-            encrypt_folder(work / "imgs", work / scheme, key, EncryptSettings(scheme=scheme, classes=classes), progress=False)
-            data = EncodedImages(list(refs(work / scheme, "o", "train")), [key.key_id if key else "o"])
-            loaders[name] = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True, drop_last=True)
-        # one job for both: geometry "color" means no crop/flip, so the loop does identical work
-        job = TrainJob("bench", classes, Geometry(32, 16, "color"), (), (), settings, str(work), "bench")
+        by_data = loaders(work, classes, settings.batch_size)
+        # one job for both: a "color" task means no crop/flip, so the loop does identical work
+        job = TrainJob("bench", Task(classes, scheme="color"), (), (), settings, str(work), "bench")
         for _ in range(args.repeat):
-            for name, loader in loaders.items():
+            for name, loader in by_data.items():
                 model = make_model(job).to(memory_format=torch.channels_last)
-                opt = torch.optim.AdamW(model.parameters(), lr=settings.lr)
-                sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=len(loader))
-                stats = train_one_epoch(model, loader, opt, sched, job, torch.device("cpu"), torch.Generator())
+                opt, sched = make_optimizer(model, settings, len(loader))
+                stats = train_one_epoch(model, loader, opt, sched, settings, job.task, torch.device("cpu"),
+                                        torch.Generator())
                 speeds[name].append(stats["images_per_s"])
     finally:
         shutil.rmtree(work, ignore_errors=True)

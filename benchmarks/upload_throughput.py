@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,22 +20,18 @@ from pathlib import Path
 import grpc
 import yaml
 
-from benchmarks._common import ROOT, report
-from orchestrator.ingest import token_sha256
-from orchestrator.proto import ingest_pb2 as pb
+from benchmarks._common import ROOT, report, wait_for_port
+from orchestrator.auth import token_sha256
+from owners.encrypt import EncryptSettings, encrypt_folder
 from owners.keys import OwnerKey
-from owners.prepare import EncryptSettings, encrypt_folder
-from owners.shards import Manifest
-from owners.upload import CHUNK_BYTES, Connection, IngestClient, upload_outbox
+from owners.upload import Connection, IngestClient, upload_outbox
+from protocol.net import CHUNK_BYTES, free_port
+from protocol.proto import ingest_pb2 as pb
+from protocol.shards import Manifest
+from protocol.task import Task
 
 BARE_METHOD = "/bench.Bare/Send"
 TOKEN = "bench-token-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_bare_server(port: int) -> None:
@@ -55,15 +50,7 @@ def run_bare_server(port: int) -> None:
     server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
-    print("ready", flush=True)
     server.wait_for_termination()
-
-
-def wait_ready(proc: subprocess.Popen, marker: str) -> None:
-    for line in proc.stdout:
-        if marker in line:
-            return
-    raise RuntimeError("server did not start")
 
 
 def bare_upload(port: int, files: list[Path], protobuf: bool) -> None:
@@ -83,6 +70,67 @@ def bare_upload(port: int, files: list[Path], protobuf: bool) -> None:
             send(chunks(path), timeout=600)
 
 
+def prepare_outbox(src: Path, work: Path, per_class: int, shard_images: int) -> Path:
+    """The first ``per_class`` images of every class of ``src``, encrypted into ``work/outbox``."""
+    data = work / "data"
+    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+        (data / cls.name).mkdir(parents=True)
+        for f in sorted(cls.iterdir())[:per_class]:
+            (data / cls.name / f.name).symlink_to(f)
+    classes = tuple(sorted(p.name for p in data.iterdir()))
+    outbox = work / "outbox"
+    encrypt_folder(data, outbox, OwnerKey("bench", bytes(range(32))),
+                   EncryptSettings(task=Task(classes), shard_images=shard_images), progress=False)
+    return outbox
+
+
+def time_bare(files: list[Path], repeat: int) -> tuple[list[float], list[float]]:
+    """Seconds per repeat: raw byte streams, then ShardChunk streams, to a server that only counts."""
+    port = free_port()
+    bare = subprocess.Popen([sys.executable, "-m", "benchmarks.upload_throughput", "--bare-server", str(port)],
+                            stdout=subprocess.DEVNULL, cwd=ROOT)
+    bare_times, proto_times = [], []
+    try:
+        wait_for_port(port, bare)
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            bare_upload(port, files, protobuf=False)
+            bare_times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            bare_upload(port, files, protobuf=True)
+            proto_times.append(time.perf_counter() - t0)
+    finally:
+        bare.kill()
+        bare.wait()
+    return bare_times, proto_times
+
+
+def time_upload(outbox: Path, work: Path, run: int) -> float:
+    """Seconds of one owner-agent upload of ``outbox`` to a fresh ingest service (its own process and store)."""
+    manifest = Manifest.load(outbox)
+    port = free_port()
+    cfg = {"name": "bench", "task": {"classes": list(manifest.classes)},
+           "ingest": {"listen": f"127.0.0.1:{port}", "store": str(work / f"store{run}"), "insecure_loopback": True,
+                      "owners": [{"id": "bench", "token_sha256": token_sha256(TOKEN)}]}}
+    (work / "cluster.yaml").write_text(yaml.safe_dump(cfg))
+    log_path = work / f"ingest{run}.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ingest", str(work / "cluster.yaml")],
+                                  stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT)
+    try:
+        wait_for_port(port, server, log=log_path)
+        client = IngestClient(Connection(f"127.0.0.1:{port}", TOKEN), log=lambda m: None)
+        t0 = time.perf_counter()
+        state = upload_outbox(outbox, client, progress=False)
+        seconds = time.perf_counter() - t0
+        assert state.committed and state.images == manifest.count
+        client.close()
+    finally:
+        server.terminate()
+        server.wait(30)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10-jpeg/train"))
@@ -97,53 +145,12 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="upload-bench-"))
     try:
-        data = work / "data"
-        for cls in sorted(p for p in Path(args.data).iterdir() if p.is_dir()):
-            (data / cls.name).mkdir(parents=True)
-            for f in sorted(cls.iterdir())[: args.per_class]:
-                (data / cls.name / f.name).symlink_to(f)
-        classes = tuple(sorted(p.name for p in data.iterdir()))
-        outbox = work / "outbox"
-        encrypt_folder(data, outbox, OwnerKey("bench", bytes(range(32))),
-                       EncryptSettings(classes=classes, shard_images=args.shard_images), progress=False)
+        outbox = prepare_outbox(Path(args.data), work, args.per_class, args.shard_images)
         manifest = Manifest.load(outbox)
         files = [outbox / s.name for s in manifest.shards]
         total = sum(s.bytes for s in manifest.shards)
-
-        bare_port = free_port()
-        bare = subprocess.Popen([sys.executable, "-m", "benchmarks.upload_throughput", "--bare-server", str(bare_port)],
-                                stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        wait_ready(bare, "ready")
-        bare_times, proto_times = [], []
-        for _ in range(args.repeat):
-            t0 = time.perf_counter()
-            bare_upload(bare_port, files, protobuf=False)
-            bare_times.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            bare_upload(bare_port, files, protobuf=True)
-            proto_times.append(time.perf_counter() - t0)
-        bare.kill()
-
-        ingest_times = []
-        for i in range(args.repeat):
-            port = free_port()
-            cfg = {"name": "bench", "task": {"classes": list(classes)},
-                   "ingest": {"listen": f"127.0.0.1:{port}", "store": str(work / f"store{i}"), "insecure_loopback": True,
-                              "owners": [{"id": "bench", "token_sha256": token_sha256(TOKEN)}]}}
-            (work / "cluster.yaml").write_text(yaml.safe_dump(cfg))
-            server = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ingest", str(work / "cluster.yaml")],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-            for line in server.stderr:
-                if "Ctrl-C stops" in line:
-                    break
-            client = IngestClient(Connection(f"127.0.0.1:{port}", TOKEN), log=lambda m: None)
-            t0 = time.perf_counter()
-            state = upload_outbox(outbox, client, progress=False)
-            ingest_times.append(time.perf_counter() - t0)
-            assert state.committed and state.images == manifest.count
-            client.close()
-            server.terminate()
-            server.wait(30)
+        bare_times, proto_times = time_bare(files, args.repeat)
+        ingest_times = [time_upload(outbox, work, i) for i in range(args.repeat)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mlcore.checkpoint import network_for
+from mlcore.checkpoint import task_of
 from mlcore.data import EncodedImages, ShardRef
 from mlcore.loop import evaluate, make_optimizer, train_one_epoch
 from mlcore.settings import TrainSettings
@@ -111,6 +111,7 @@ def local_evaluate(model: Network, shards: list[ShardRef], plan: FederatedPlan,
 def owner_model(trunk_checkpoint: dict, adapter: dict) -> Network:
     """The model an owner predicts with: the federation's final trunk plus its private adapter
     (``<state-dir>/adapter-<key id>.pt``). Nobody else holds both."""
-    model = network_for(trunk_checkpoint, [adapter["key_id"]])
+    t = task_of(trunk_checkpoint)  # always the adapter network, whatever the strategy's name
+    model = build_network(trunk_checkpoint["model"], len(t.classes), t.model_input, [adapter["key_id"]])
     model.load_state_dict({**adapter["state_dict"], **trunk_checkpoint["state_dict"]})
     return model.to(memory_format=torch.channels_last).eval()

@@ -17,14 +17,12 @@ from orchestrator.auth import TokenAuth
 from orchestrator.config import ClusterConfig, ConfigError
 from orchestrator.errors import Refused
 from orchestrator.store import DatasetState, ShardProgress, ShardStore
-from protocol.net import is_loopback
+from protocol.net import MAX_MESSAGE_BYTES, is_loopback
 from protocol.proto import ingest_pb2 as pb
 from protocol.proto import ingest_pb2_grpc as pb_grpc
 
 log = logging.getLogger("orchestrator.ingest")
 
-CHUNK_BYTES = 1 << 20  # what clients send per message
-MAX_MESSAGE_BYTES = CHUNK_BYTES + (64 << 10)  # the server refuses anything larger (gRPC's default is 4 MiB)
 
 
 def _progress_pb(p: ShardProgress) -> pb.ShardProgress:

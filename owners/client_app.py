@@ -33,6 +33,7 @@ from mlcore.federated import (
     private_state,
     shared_state,
 )
+from models.keyed import BlockAdapter
 from owners.adapters import inverse_setting
 from owners.cipher import CipherGeometry, derive_schedule
 from owners.errors import OutboxError, OwnerError
@@ -89,6 +90,10 @@ def build_model(site: OwnerSite, plan: FederatedPlan, msg: Message, context: Con
     model = owner_network(plan, site.key.key_id)
     private = context.state[STATE_KEY].to_torch_state_dict() if STATE_KEY in context.state else None
     if private is None and site.adapter_init == "key":
+        if not isinstance(model.adapters[0], BlockAdapter):
+            raise OwnerError(f"adapter-init 'key' sets a block adapter to the key's exact inverse; model "
+                             f"{plan.settings.model} has a {type(model.adapters[0]).__name__}, which is learned: "
+                             "join with --adapter-init learned")
         schedule = derive_schedule(site.key.secret, CipherGeometry.for_task(plan.task))
         model.adapters[0].set_exact(*inverse_setting(schedule, plan.task.model_input.in_chans))
         private = private_state(model)
