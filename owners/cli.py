@@ -146,9 +146,9 @@ def cmd_preview(args: argparse.Namespace) -> int:
     from owners.preview import make_preview
 
     geometry = CipherGeometry(args.size, args.size, args.block or DEFAULT_BLOCK[args.scheme], args.scheme)
+    codec = Codec(args.format, args.quality, args.chroma)  # bad flags are refused before a key is created
     key = _key(args.key, create=True)
-    n = make_preview(Path(args.data), Path(args.out), key, geometry, Codec(args.format, args.quality, args.chroma),
-                     count=args.count)
+    n = make_preview(Path(args.data), Path(args.out), key, geometry, codec, count=args.count)
     _log(f"preview of {n} images (plain | encrypted as uploaded | decrypted) written to {args.out}")
     return 0
 
