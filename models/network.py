@@ -9,6 +9,8 @@ interface only; none of them asks which kind of network it holds.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import nn
 
@@ -22,15 +24,15 @@ class UnknownKeyError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class Network(nn.Module):
+class Network(nn.Module, ABC):
     """A shared ``trunk`` behind an optional per-key input stage."""
 
     key_ids: list[str]  # keys with their own input stage; empty: one input path for every image
     trunk: nn.Module
 
+    @abstractmethod
     def route(self, key_id: str | None) -> int | None:
         """The key index that answers ``key_id``; None when this model cannot answer it."""
-        raise NotImplementedError
 
     def key_index(self, key_id: str | None) -> int:
         """Like :meth:`route`, but an unanswerable key id is an error."""

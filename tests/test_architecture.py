@@ -170,12 +170,14 @@ def test_every_noqa_says_why():
 
 
 def test_docs_and_comments_point_only_inside_the_repository():
-    # The benchmarks' documented default data folder (../shared/data/...) is the one allowed exception.
-    outside = re.compile(r"\.\./shared(?!/data)|DESIGN\.md|DESIGN section")
+    # The benchmarks' documented default data folder (the sibling shared/data/ folder) is the one
+    # allowed exception. The names are built from parts so that this file does not itself contain them.
+    design = "DESIGN"
+    outside = re.compile(r"\.\./shared(?!/data)|" + design + r"\.md|" + design + " section")
     hits = []
     for path in [ROOT / "README.md", ROOT / "Makefile", *ROOT.glob("docs/*.md"), *ROOT.glob("deploy/**/*"),
                  *[p for f in (*PACKAGES, "tests", "benchmarks", "scripts") for p in (ROOT / f).rglob("*.py")]]:
-        if path.is_file() and path.name != "test_architecture.py":
+        if path.is_file():
             hits += [f"{path.relative_to(ROOT)}:{n}" for n, line in enumerate(path.read_text().splitlines(), 1)
                      if outside.search(line)]
     assert not hits, "references to documents outside the repository: " + ", ".join(hits)
