@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from mlcore.checkpoint import code_version, load_checkpoint, model_from_checkpoint
+from mlcore.checkpoint import CHECKPOINT_VERSION, code_version, load_checkpoint, model_from_checkpoint
 from mlcore.data import EncodedImages, ShardRef, group_names, shard_refs
 from mlcore.loop import evaluate
 from orchestrator.config import ClusterConfig, ConfigError, RayConfig
@@ -90,7 +90,9 @@ def build_job(cfg: ClusterConfig, store: ShardStore) -> TrainJob:
     # The Ray run is named after what it trains on and how: rerunning the same config on the same
     # data resumes it; new uploads or new settings start a new run instead of resuming a stale one.
     how = {k: str(v) for k, v in dataclasses.asdict(s).items() if k not in ("start_when", "wait_timeout_s")}
-    plan = json.dumps([sorted((r.path, r.owner, r.key_id or "") for r in train), how], sort_keys=True)
+    # The checkpoint format is part of it: a run never resumes from checkpoints this code cannot read.
+    plan = json.dumps([sorted((r.path, r.owner, r.key_id or "") for r in train), how, CHECKPOINT_VERSION],
+                      sort_keys=True)
     run_name = f"{cfg.name}-{hashlib.sha256(plan.encode()).hexdigest()[:10]}"
     job = TrainJob(run_name, cfg.task, train, test, s, str(store.root / "runs" / run_name), code_version())
     make_model(job)  # a bad model/geometry combination fails here, before Ray starts workers
