@@ -12,6 +12,7 @@ It runs until Ctrl-C, serving every federation the orchestrator starts.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -69,9 +70,12 @@ def run_supernode(flower: str, config: dict[str, str], ca_file: Path | None, ins
         raise OwnerError("--ca-file is required for a TLS connection to the Flower server (or --insecure on loopback)")
     cmd = [str(BIN / "flower-supernode"), *security, "--superlink", flower, "--port", str(free_port()),
            "--node-config", node_config(config)]
+    home = keyring_dir().parent
+    # First on the PATH: the guarded flwr-clientapp (only the installed client runs); then this
+    # interpreter's flower-superexec, which the SuperNode starts and which starts flwr-clientapp.
+    path = os.pathsep.join([str(guarded_clientapp_bin(home)), str(BIN), os.environ.get("PATH", "")])
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0",  # a privacy product sends no telemetry
-           "OWNER_AGENT_HOME": str(keyring_dir().parent),
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # the SuperNode starts flower-superexec
+           "OWNER_AGENT_HOME": str(home), "PATH": path}
     log(f"joining the federation at {flower}; adapter and data stay in {config['state-dir']} and your outbox. "
         "Ctrl-C leaves.")
     # Same process group as this agent (Ctrl-C and a kill reach the SuperNode too), and on Linux the
@@ -83,6 +87,21 @@ def run_supernode(flower: str, config: dict[str, str], ca_file: Path | None, ins
         process.send_signal(signal.SIGTERM)
         process.wait(30)
         raise
+
+
+def guarded_clientapp_bin(home: Path) -> Path:
+    """A private folder holding a ``flwr-clientapp`` that runs ``owners/app_guard.py``: Flower starts
+    ``flwr-clientapp`` by name for every run, so the SuperNode gets this one, never one that installs
+    and imports the server's app. Rewritten on every start; ``-I``: no current directory, no
+    PYTHON* variables in the guard's import path."""
+    folder = home / "federated" / "bin"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    script, tmp = folder / "flwr-clientapp", folder / ".flwr-clientapp.partial"
+    tmp.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -I -m owners.app_guard "$@"\n')
+    tmp.chmod(0o700)
+    tmp.replace(script)
+    return folder
 
 
 def _die_with_parent() -> None:
