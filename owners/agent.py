@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from owners.encrypt import LOCAL_DIR, EncryptSettings, encrypt_folder
 from owners.errors import TaskMismatch
+from owners.files import private_dir
 from owners.images import scan_image_folder
 from owners.keys import OwnerKey, keyring_dir
 from owners.upload import Connection, IngestClient, upload_outbox
@@ -72,8 +72,7 @@ def run_agent(key: OwnerKey | None, data: Path, conn: Connection, split: str, ou
         log(f"{offer.describe()}, {task.format}")
         outbox = outbox or default_outbox(conn.server, offer.run_name, offer.owner_id, split,
                                           None if key is None else key.key_id)
-        outbox.mkdir(parents=True, exist_ok=True)
-        os.chmod(outbox, 0o700)
+        private_dir(outbox)
         encrypt_unless_current(data, outbox, key, settings, progress, log)
         state = upload_outbox(outbox, client, new_key_domain, progress)
     finally:

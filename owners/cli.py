@@ -26,6 +26,7 @@ from owners.keys import (
     derive_from_passphrase,
     keyring_dir,
     list_keys,
+    read_passphrase_file,
     resolve_key,
 )
 from owners.upload import Connection, read_token
@@ -155,8 +156,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 def _read_passphrase(args: argparse.Namespace) -> str | None:
     if args.passphrase_file:
-        text = Path(args.passphrase_file).read_text("utf-8")
-        return text.splitlines()[0] if text else ""
+        return read_passphrase_file(Path(args.passphrase_file))
     if args.passphrase_stdin:
         if sys.stdin.isatty():
             first = getpass.getpass("passphrase: ")

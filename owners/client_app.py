@@ -37,6 +37,7 @@ from models.keyed import BlockAdapter
 from owners.adapters import inverse_setting
 from owners.cipher import CipherGeometry, derive_schedule
 from owners.errors import OutboxError, OwnerError
+from owners.files import private_dir
 from owners.keys import OwnerKey, resolve_key
 from protocol.shards import Manifest
 
@@ -103,7 +104,7 @@ def build_model(site: OwnerSite, plan: FederatedPlan, msg: Message, context: Con
 
 def note_status(site: OwnerSite, server_round: int, phase: str) -> None:
     """<state-dir>/status.json: what this owner's client is doing (for the owner, and tests)."""
-    site.state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(site.state_dir)
     tmp = site.state_dir / ".status.json.partial"
     tmp.write_text(json.dumps({"round": server_round, "phase": phase, "time": time.time(), "pid": os.getpid()}))
     tmp.replace(site.state_dir / "status.json")
@@ -117,7 +118,7 @@ def handle_train(site: OwnerSite, msg: Message, context: Context) -> Message:
     model = build_model(site, plan, msg, context)
     metrics = local_train(model, list(shards_of(site.train, site.key, plan)), plan, server_round)
     context.state[STATE_KEY] = ArrayRecord(private_state(model))
-    site.state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(site.state_dir)
     tmp = site.state_dir / f".adapter-{site.key.key_id}.pt.partial"
     torch.save({"key_id": site.key.key_id, "state_dict": private_state(model)}, tmp)
     tmp.replace(site.state_dir / f"adapter-{site.key.key_id}.pt")

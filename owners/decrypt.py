@@ -28,6 +28,14 @@ def cipher_for(manifest: Manifest, key: OwnerKey | None) -> BlockCipher | None:
     return BlockCipher(key.secret, CipherGeometry(size, size, manifest.block_size, manifest.scheme))
 
 
+def _inside(out: Path, *parts: str) -> Path:
+    """``out/parts...``, refusing any path that would land outside ``out`` (a link, an odd name)."""
+    target = out.joinpath(*parts)
+    if not target.resolve().is_relative_to(out.resolve()):
+        raise OutboxError(f"refusing to write {target}: it is outside {out}")
+    return target
+
+
 def decrypt_folder(shards: Path, out: Path, key: OwnerKey | None, chunk: int = 512) -> int:
     """Write ``out/<class>/<id>.png`` for every sample; returns the number of images."""
     manifest = Manifest.load(shards)
@@ -41,11 +49,14 @@ def decrypt_folder(shards: Path, out: Path, key: OwnerKey | None, chunk: int = 5
         arrays = np.stack([a for _, a, _ in batch])
         plain = arrays if cipher is None else cipher.decrypt(arrays)
         for (sid, _, label), img in zip(batch, plain):
-            Image.fromarray(img).save(Path(out) / manifest.classes[label] / f"{sid}.png")
+            Image.fromarray(img).save(_inside(Path(out), manifest.classes[label], f"{sid}.png"))
 
     for shard in manifest.shards:
         batch: list[tuple[str, np.ndarray, int]] = []
         for sid, data, label in iter_samples(Path(shards) / shard.name):
+            if label >= len(manifest.classes):
+                raise OutboxError(f"{shard.name}: sample {sid} has label {label}; the manifest has "
+                                  f"{len(manifest.classes)} classes")
             batch.append((sid, decode(data), label))
             if len(batch) == chunk:
                 flush(batch)

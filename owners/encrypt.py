@@ -29,6 +29,7 @@ from tqdm import tqdm
 from owners import __version__
 from owners.cipher import BlockCipher, CipherGeometry
 from owners.errors import OutboxError, OwnerError
+from owners.files import private_dir
 from owners.images import BadImage, Scan, SourceImage, load_rgb, scan_image_folder
 from owners.keys import OwnerKey
 from protocol.shards import MANIFEST_NAME, Manifest, ShardWriter, atomic_write, sample_id
@@ -151,8 +152,7 @@ def _reset_outbox_folder(out: Path, overwrite: bool) -> None:
     if (out / MANIFEST_NAME).exists() and not overwrite:
         raise OutboxError(f"{out} already holds an encrypted set ({MANIFEST_NAME}); "
                           "choose another --out or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / LOCAL_DIR).mkdir(exist_ok=True)
+    private_dir(out / LOCAL_DIR)  # file names and reasons: the owner's eyes only (0700, files 0600)
     for stale in list(out.glob("shard-*.tar")) + list(out.glob("shard-*.tar.partial")) + [out / MANIFEST_NAME]:
         stale.unlink(missing_ok=True)
 
@@ -200,7 +200,7 @@ class _Run:
         self.summary.skipped, self.summary.duplicates = len(self.bad), len(self.duplicates)
         self.summary.seconds = time.perf_counter() - started
         report = {"summary": asdict(self.summary), "skipped": self.bad + self.duplicates, "converted": self.converted}
-        atomic_write(self.out / LOCAL_DIR / "report.json", (json.dumps(report, indent=1) + "\n").encode())
+        atomic_write(self.out / LOCAL_DIR / "report.json", (json.dumps(report, indent=1) + "\n").encode(), private=True)
 
 
 def encrypt_folder(
@@ -221,8 +221,10 @@ def encrypt_folder(
     try:
         run.check_bad_fraction()
         with ExitStack() as stack:
-            index = stack.enter_context(open(out / LOCAL_DIR / "index.jsonl", "w", encoding="utf-8"))
-            os.chmod(out / LOCAL_DIR / "index.jsonl", 0o600)  # sample id -> source file name (often a person's)
+            # sample id -> source file name (often a person's name): created 0600, never readable by others
+            index_fd = os.open(out / LOCAL_DIR / "index.jsonl", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(index_fd, 0o600)
+            index = stack.enter_context(open(index_fd, "w", encoding="utf-8"))
             for chunk in _prepared_chunks(scan.images, None if key is None else key.secret, task, settings, stack):
                 for item in chunk:
                     run.add(item, index)

@@ -21,6 +21,7 @@ from pathlib import Path
 from owners.agent import default_outbox, encrypt_unless_current
 from owners.encrypt import EncryptSettings
 from owners.errors import OwnerError, TaskMismatch
+from owners.files import check_not_shared, private_dir
 from owners.keys import OwnerKey, keyring_dir
 from owners.upload import Connection, IngestClient
 from protocol.net import free_port
@@ -52,13 +53,11 @@ def prepare_federation(key_spec: str, key: OwnerKey, data: Path, test_data: Path
         if folder is None:
             continue
         outbox = default_outbox(conn.server, offer.run_name, offer.owner_id, split, key.key_id)
-        outbox.mkdir(parents=True, exist_ok=True)
-        os.chmod(outbox, 0o700)
+        private_dir(outbox)
         encrypt_unless_current(folder, outbox, key, EncryptSettings(task=offer.task, split=split), progress, log)
         config[split] = str(outbox)
     state = keyring_dir().parent / "federated" / offer.run_name / offer.owner_id
-    state.mkdir(parents=True, exist_ok=True)
-    os.chmod(state, 0o700)
+    private_dir(state)
     config["state-dir"] = str(state)
     return config
 
@@ -94,9 +93,8 @@ def guarded_clientapp_bin(home: Path) -> Path:
     ``flwr-clientapp`` by name for every run, so the SuperNode gets this one, never one that installs
     and imports the server's app. Rewritten on every start; ``-I``: no current directory, no
     PYTHON* variables in the guard's import path."""
-    folder = home / "federated" / "bin"
-    folder.mkdir(parents=True, exist_ok=True)
-    os.chmod(folder, 0o700)
+    folder = private_dir(home / "federated" / "bin")
+    check_not_shared(folder, "the folder of the guarded flwr-clientapp")
     script, tmp = folder / "flwr-clientapp", folder / ".flwr-clientapp.partial"
     tmp.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -I -m owners.app_guard "$@"\n')
     tmp.chmod(0o700)

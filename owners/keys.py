@@ -20,6 +20,7 @@ import re
 import secrets
 import stat
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,13 +134,26 @@ def _looks_like_path(spec: str) -> bool:
     return os.sep in spec or spec.endswith(".key") or spec.startswith(".")
 
 
-def _check_private(path: Path) -> None:
+def _check_private(path: Path, what: str = "key file") -> None:
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyringError(
-            f"key file {path} is accessible by other users (mode {stat.S_IMODE(mode):04o}); "
+            f"{what} {path} is accessible by other users (mode {stat.S_IMODE(mode):04o}); "
             f"refusing to use it. Fix with: chmod 600 {path}"
         )
+
+
+def read_passphrase_file(path: Path) -> str:
+    """The first line of a passphrase file, which must be private like a key file."""
+    path = Path(path)
+    if not path.is_file():
+        raise KeyringError(f"passphrase file {path} does not exist")
+    _check_private(path, "passphrase file")
+    try:
+        text = path.read_text("utf-8")
+    except UnicodeDecodeError:
+        raise KeyringError(f"passphrase file {path} is not UTF-8 text") from None
+    return text.splitlines()[0] if text else ""
 
 
 def read_key_file(path: Path, name: str | None = None) -> OwnerKey:
@@ -149,6 +163,8 @@ def read_key_file(path: Path, name: str | None = None) -> OwnerKey:
     _check_private(path)
     try:
         doc = json.loads(path.read_text("utf-8"))
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
         if doc.get("format") != KEY_FILE_FORMAT or doc.get("version") != KEY_FILE_VERSION:
             raise ValueError("not an owner-agent key file (format/version)")
         secret = bytes.fromhex(doc["secret"])
@@ -235,7 +251,12 @@ def list_keys() -> list[OwnerKey]:
 
 
 def derive_from_passphrase(passphrase: str, salt: str) -> bytes:
-    """scrypt (N=2^17, r=8, p=1): the same passphrase and salt give the same key anywhere."""
+    """scrypt (N=2^17, r=8, p=1): the same passphrase and salt give the same key anywhere.
+
+    Both are Unicode-normalised to NFC first: the same words typed on keyboards (or systems) that
+    compose accents differently (NFC vs NFD) give the same key.
+    """
+    passphrase, salt = unicodedata.normalize("NFC", passphrase), unicodedata.normalize("NFC", salt)
     if len(passphrase) < 12:
         raise KeyringError("passphrase too short: use at least 12 characters")
     return hashlib.scrypt(

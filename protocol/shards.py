@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from protocol.task import SCHEMES, SPLITS
+from protocol.task import SCHEMES, SPLITS, is_safe_component
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "etc-webdataset"
@@ -104,8 +104,8 @@ class Manifest:
         need((self.key_id is None) == (self.scheme == "plain"), "key_id", "present exactly when encrypted")
         need(self.key_id is None or re.fullmatch(r"[0-9a-f]{16}", str(self.key_id)) is not None,
              "key_id", "expected 16 hex digits")
-        need(isinstance(self.classes, list) and all(isinstance(c, str) for c in self.classes), "classes",
-             "expected a list of names")
+        need(isinstance(self.classes, list) and all(is_safe_component(c) for c in self.classes), "classes",
+             "expected a list of names that are folder names (no '/', '..' or control characters)")
         need(isinstance(self.class_counts, list) and len(self.class_counts) == len(self.classes),
              "class_counts", "one count per class")
         need(sum(self.class_counts) == self.count == sum(s.count for s in self.shards), "count",
@@ -125,9 +125,13 @@ class Manifest:
         atomic_write(Path(folder) / MANIFEST_NAME, self.to_json().encode("utf-8"))
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, private: bool = False) -> None:
+    """Write ``data`` to ``path`` whole or not at all; ``private``: mode 0600 from the start."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    if private:
+        os.fchmod(fd, 0o600)  # an existing temp file keeps its mode otherwise
+    with open(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -194,20 +198,30 @@ def file_sha256(path: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+MEMBER = re.compile(rf"^([0-9a-f]{{{SAMPLE_ID_HEX_CHARS}}})\.(jpg|png|cls)$")  # what ShardWriter writes
+
+
 def iter_samples(path: Path) -> Iterator[tuple[str, bytes, int]]:
-    """Yield (id, encoded image bytes, label) from one shard, in file order."""
+    """Yield (id, encoded image bytes, label) from one shard, in file order.
+
+    Member names are exactly what :class:`ShardWriter` writes (``<32 hex>.jpg|png|cls``): nothing
+    else is read, so no name from a shard can ever reach a path.
+    """
     with tarfile.open(path, "r") as tar:
         pending: dict[str, dict[str, bytes]] = {}
         for member in tar:
-            if not member.isfile():
-                continue
-            stem, _, ext = member.name.rpartition(".")
+            match = MEMBER.fullmatch(member.name)
+            if not member.isfile() or match is None:
+                raise ManifestError(f"{path}: unexpected member {member.name[:80]!r} (not <sample id>.jpg|png|cls)")
+            stem, ext = match.groups()
             f = tar.extractfile(member)
             assert f is not None
             pending.setdefault(stem, {})[ext] = f.read()
             entry = pending[stem]
             if "cls" in entry and len(entry) == 2:
                 image_ext = next(k for k in entry if k != "cls")
+                if not entry["cls"].isdigit() or len(entry["cls"]) > 6:
+                    raise ManifestError(f"{path}: {stem}.cls is not a label number")
                 yield stem, entry[image_ext], int(entry["cls"])
                 del pending[stem]
         if pending:

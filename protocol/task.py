@@ -7,6 +7,7 @@ exists nowhere; its errors name the field (``task.block_size: ...``).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from protocol.codec import CHROMA_SUBSAMPLING, CODECS, Codec
@@ -15,6 +16,19 @@ SCHEMES = ("color", "gray", "plain")  # plain: no encryption (baselines)
 ENCRYPTED_SCHEMES = ("color", "gray")
 DEFAULT_BLOCK = {"color": 16, "gray": 8}  # colour: one JPEG 4:2:0 MCU; gray: one 8x8 DCT block
 SPLITS = ("train", "test")
+MAX_IMAGE_SIZE = 1024  # pixels: a task's images are encrypted and held in memory in batches at the owner
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # run names and owner ids: safe in any path
+
+
+def is_safe_name(name: object) -> bool:
+    """A run name or owner id: letters, digits, '.', '_', '-'; it never leaves the folder it names."""
+    return isinstance(name, str) and NAME.fullmatch(name) is not None
+
+
+def is_safe_component(name: object) -> bool:
+    """A class name: any text that is one path component (it names a folder at the owner)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and len(name.encode("utf-8")) <= 255
+            and not any(c in name for c in "/\\\0") and name.isprintable())
 
 
 class TaskError(ValueError):
@@ -39,8 +53,10 @@ class Task:
         object.__setattr__(self, "classes", tuple(self.classes))
         if not self.classes or len(set(self.classes)) != len(self.classes):
             raise TaskError("classes", "need distinct class names")
-        if not all(isinstance(c, str) and c for c in self.classes):
-            raise TaskError("classes", "every class name must be a non-empty string")
+        bad = [c for c in self.classes if not is_safe_component(c)]
+        if bad:
+            raise TaskError("classes", f"{bad[0]!r} is not a folder name (no '/', '\\', control characters, "
+                                       "'.' or '..')")
         if self.scheme not in SCHEMES:
             raise TaskError("scheme", f"{self.scheme!r} is not one of {', '.join(SCHEMES)}")
         if self.format not in CODECS:
@@ -49,8 +65,8 @@ class Task:
             raise TaskError("chroma", f"{self.chroma!r} is not one of {', '.join(CHROMA_SUBSAMPLING)}")
         if not 1 <= self.quality <= 100:
             raise TaskError("quality", f"{self.quality} is not in 1..100")
-        if self.image_size < 1:
-            raise TaskError("image_size", f"{self.image_size} is not a positive number of pixels")
+        if not 1 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise TaskError("image_size", f"{self.image_size} is not in 1..{MAX_IMAGE_SIZE} pixels")
         if self.encrypted and (self.block_size < 1 or self.image_size % self.block_size):
             raise TaskError("image_size", f"{self.image_size} is not a multiple of task.block_size {self.block_size}")
 

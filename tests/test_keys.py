@@ -101,6 +101,10 @@ def test_keygen_from_stdin_and_file_and_keys_listing(monkeypatch, capsys, tmp_pa
     assert "NEW KEY CREATED" in out.err
     phrase_file = tmp_path / "phrase.txt"
     phrase_file.write_text(phrase + "\n")
+    phrase_file.chmod(0o644)  # a passphrase file is checked like a key file
+    assert cli.main(["keygen", "hosp2", "--passphrase-file", str(phrase_file), "--salt", "hosp"]) == 1
+    assert "passphrase file" in capsys.readouterr().err and "chmod 600" not in str(list_keys())
+    phrase_file.chmod(0o600)
     assert cli.main(["keygen", "hosp2", "--passphrase-file", str(phrase_file), "--salt", "hosp"]) == 0
     keys = {k.name: k for k in list_keys()}
     # same passphrase and salt -> same key, whichever way it was read
@@ -114,3 +118,24 @@ def test_keygen_from_stdin_and_file_and_keys_listing(monkeypatch, capsys, tmp_pa
     assert cli.main(["keygen", "hosp"]) == 1
     assert "already exists" in capsys.readouterr().err
     assert keyring_dir() == tmp_path / "home" / "keys"
+
+
+def test_the_same_passphrase_in_nfc_and_nfd_gives_the_same_key():
+    import unicodedata
+
+    phrase = "Zürich café résumé 2026"
+    nfc, nfd = unicodedata.normalize("NFC", phrase), unicodedata.normalize("NFD", phrase)
+    assert nfc != nfd
+    assert derive_from_passphrase(nfc, "salt") == derive_from_passphrase(nfd, "salt")
+    assert derive_from_passphrase(nfc, "café") == derive_from_passphrase(nfc, unicodedata.normalize("NFD", "café"))
+
+
+def test_bad_key_and_passphrase_files_are_one_line_errors(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("OWNER_AGENT_HOME", str(tmp_path / "home"))
+    listed = tmp_path / "list.key"
+    listed.write_text("[1, 2, 3]")
+    listed.chmod(0o600)
+    with pytest.raises(KeyringError, match="malformed"):
+        read_key_file(listed)
+    assert cli.main(["keygen", "k", "--passphrase-file", str(tmp_path / "missing.txt")]) == 1
+    assert capsys.readouterr().err.strip().endswith(f"passphrase file {tmp_path / 'missing.txt'} does not exist")
