@@ -21,13 +21,6 @@ from owners.images import load_rgb, scan_image_folder
 from protocol.codec import Codec, decode
 
 
-def key_space_bits(geometry: CipherGeometry) -> float:
-    """log2(n! * 8^n * 2^n * 6^n) for colour, log2(n! * 8^n * 2^n) for gray."""
-    n = geometry.num_blocks
-    per_block = 8 * 2 * (6 if geometry.scheme == "color" else 1)
-    return (math.lgamma(n + 1) / math.log(2)) + n * math.log2(per_block)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10-jpeg/train"))
@@ -52,7 +45,7 @@ def main() -> None:
                 per_key.append(float(ssim(reference, stored, window=7).mean()))
             # chance level: SSIM between unrelated plain images (each against the next one)
             unrelated = float(ssim(reference, np.roll(reference, 1, axis=0), window=7).mean())
-            rows.append([f"{size}x{size}", scheme, block, geometry.num_blocks, round(key_space_bits(geometry)),
+            rows.append([f"{size}x{size}", scheme, block, geometry.num_blocks, round(geometry.key_space_bits),
                          float(np.mean(per_key)), float(np.percentile(per_key, 90)), float(max(per_key)), unrelated])
     report("Structure left after encryption (SSIM, encrypted vs plain)",
            ["image", "scheme", "block", "blocks", "log2 key space", "mean SSIM", "p90 over keys", "max over keys",

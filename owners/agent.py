@@ -55,7 +55,8 @@ def encrypt_unless_current(data: Path, outbox: Path, key: OwnerKey | None, setti
 
 
 def run_agent(key: OwnerKey | None, data: Path, conn: Connection, split: str, outbox: Path | None = None,
-              new_key_domain: bool = False, progress: bool | None = None, shard_images: int = 10_000) -> dict:
+              new_key_domain: bool = False, progress: bool | None = None, shard_images: int = 10_000,
+              allow_weak_geometry: bool = False) -> dict:
     """Fetch the task, encrypt ``data`` for it, upload and commit. Returns a summary dict."""
 
     def log(msg: str) -> None:
@@ -68,6 +69,7 @@ def run_agent(key: OwnerKey | None, data: Path, conn: Connection, split: str, ou
         if task.encrypted != (key is not None):
             raise TaskMismatch(f"the server's task uses scheme {task.scheme!r}: "
                                + ("a --key is required" if task.encrypted else "use --plain (no key)"))
+        offer.checked_geometry(allow_weak_geometry, log)
         settings = EncryptSettings(task=task, split=split, shard_images=shard_images)
         log(f"{offer.describe()}, {task.format}")
         outbox = outbox or default_outbox(conn.server, offer.run_name, offer.owner_id, split,

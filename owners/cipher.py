@@ -22,6 +22,7 @@ result to whole batches with a compiled, multi-threaded gather.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numba
@@ -83,6 +84,40 @@ class CipherGeometry:
     def num_blocks(self) -> int:
         rows, cols = self.grid
         return rows * cols
+
+    @property
+    def key_space_bits(self) -> float:
+        """log2 of the number of block schedules: n! * 8^n * 2^n * 6^n (colour), n! * 8^n * 2^n (gray).
+
+        An upper bound on brute-force work only: the schedule is separable per block and pooled
+        statistics over one owner's images reveal it far faster (``docs/design.md``, section 6).
+        """
+        n = self.num_blocks
+        per_block = NUM_TRANSFORMS * 2 * (len(CHANNEL_ORDERS) if self.scheme == "color" else 1)
+        return math.lgamma(n + 1) / math.log(2) + n * math.log2(per_block)
+
+
+MIN_BLOCKS = 4  # fewer blocks: refused unless the owner insists (--allow-weak-geometry)
+WARN_BELOW_BITS = 128  # a key space below this gets a warning on every use
+
+
+class WeakGeometry(OwnerError):
+    """The geometry leaves too few blocks to hide anything; the owner must opt in explicitly."""
+
+
+def strength_warning(geometry: CipherGeometry, allow_weak: bool = False) -> str | None:
+    """Refuse a geometry of fewer than MIN_BLOCKS blocks (unless ``allow_weak``); return a warning
+    for a key space under WARN_BELOW_BITS bits, None when there is nothing to say."""
+    g = geometry
+    if g.num_blocks < MIN_BLOCKS and not allow_weak:
+        raise WeakGeometry(f"{g.height}x{g.width} images in {g.block}-pixel blocks make {g.num_blocks} block(s): "
+                           f"{round(2 ** g.key_space_bits)} ways to encrypt an image, "
+                           "each of which can simply be tried. Refused; pass --allow-weak-geometry to accept it")
+    if g.key_space_bits < WARN_BELOW_BITS:
+        return (f"WARNING: {g.height}x{g.width} {g.scheme} EtC in {g.block}-pixel blocks has a key space of "
+                f"2^{g.key_space_bits:.0f} (< 2^{WARN_BELOW_BITS}); images keep their block contents and one owner's "
+                "images together reveal the key far faster than that (docs/design.md, section 6)")
+    return None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from owners import __version__
-from owners.cipher import SCHEMES, CipherGeometry
+from owners.cipher import SCHEMES, CipherGeometry, strength_warning
 from owners.errors import OwnerError
 from owners.keys import (
     KeyringError,
@@ -88,7 +88,9 @@ def _task_from_flags(args: argparse.Namespace) -> Task:
 
     block = args.block or DEFAULT_BLOCK[args.scheme]
     if not args.plain:  # the cipher's own check names the flag values (--size, --block)
-        CipherGeometry(args.size, args.size, block, args.scheme)
+        warning = strength_warning(CipherGeometry(args.size, args.size, block, args.scheme), args.allow_weak_geometry)
+        if warning:
+            _log(warning)
     classes = (tuple(c.strip() for c in args.classes.split(",")) if args.classes
                else scan_image_folder(Path(args.data)).classes)
     return Task(classes, args.size, block, "plain" if args.plain else args.scheme, args.format, args.quality,
@@ -102,7 +104,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
     conn = _connection(args, retries=args.retries, max_rate=args.max_rate)
     summary = run_agent(key, Path(args.data), conn, args.split, Path(args.outbox) if args.outbox else None,
                         args.new_key_domain, progress=False if args.no_progress else None,
-                        shard_images=args.shard_images)
+                        shard_images=args.shard_images, allow_weak_geometry=args.allow_weak_geometry)
     print(json.dumps(summary))
     return 0
 
@@ -112,7 +114,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     key = _key_or_plain(args, create=False, what="a plain model")
     failed = 0
-    for result in predict_images(key, [Path(p) for p in args.images], _connection(args), top=args.top):
+    for result in predict_images(key, [Path(p) for p in args.images], _connection(args), top=args.top,
+                                 allow_weak_geometry=args.allow_weak_geometry, log=_log):
         if result.error:
             failed += 1
             print(f"{result.path}\terror: {result.error}")
@@ -130,7 +133,8 @@ def cmd_federate(args: argparse.Namespace) -> int:
     if args.insecure and not is_loopback(args.flower):
         raise SystemExit("owner-agent federate: --insecure is only allowed towards a loopback address")
     config = prepare_federation(args.key, key, Path(args.data), Path(args.test_data) if args.test_data else None,
-                                conn, args.adapter_init, False if args.no_progress else None, _log)
+                                conn, args.adapter_init, False if args.no_progress else None, _log,
+                                args.allow_weak_geometry)
     return run_supernode(args.flower, config, Path(args.ca_file) if args.ca_file else None, args.insecure, _log)
 
 
@@ -213,6 +217,12 @@ def _add_connection(p: argparse.ArgumentParser, server_help: str) -> None:
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC; only to a loopback address")
 
 
+def _add_weak_geometry(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-weak-geometry", action="store_true",
+                   help="accept a geometry of fewer than 4 blocks (each image then has so few possible "
+                        "encryptions that they can all be tried)")
+
+
 def _add_upload(sub) -> None:
     p = sub.add_parser("upload", help="fetch the task, encrypt DIR and upload it (the default command)")
     p.add_argument("--key", help=KEY_HELP)
@@ -227,6 +237,7 @@ def _add_upload(sub) -> None:
     p.add_argument("--max-rate", type=float, help="upload bandwidth cap in bytes/s (default: none)")
     p.add_argument("--shard-images", type=int, default=10_000, help="images per shard (default 10000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_weak_geometry(p)
     p.set_defaults(func=cmd_upload)
 
 
@@ -245,6 +256,7 @@ def _add_encrypt(sub) -> None:
                    help="stop when more than this fraction of files cannot be used (default 0.2)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing outbox in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_weak_geometry(p)
     p.set_defaults(func=cmd_encrypt)
 
 
@@ -255,6 +267,7 @@ def _add_predict(sub) -> None:
     _add_connection(p, "prediction service HOST:PORT (serve.listen)")
     p.add_argument("--top", type=int, default=3, help="classes to print per image (default 3)")
     p.add_argument("images", nargs="+", help="image files")
+    _add_weak_geometry(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -268,6 +281,7 @@ def _add_federate(sub) -> None:
     p.add_argument("--adapter-init", choices=("key", "learned"), default="key",
                    help="start your private adapter at your key's exact inverse (default) or learn it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_weak_geometry(p)
     p.set_defaults(func=cmd_federate)
 
 

@@ -45,7 +45,8 @@ class EncryptSettings:
     # centre-cropped to task.image_size.
     split: str = "train"  # "train" or "test": recorded in the manifest
     shard_images: int = 10_000  # samples per shard (~15 MB for 32x32 JPEG)
-    chunk: int = 512  # images loaded, encrypted and encoded together
+    chunk: int = 512  # images loaded, encrypted and encoded together (fewer when they are large:
+    chunk_bytes: int = 64 << 20  # ...a chunk's pixels stay under this many bytes per worker process)
     max_bad_fraction: float = 0.2  # abort when more than this fraction of files fails...
     min_files_before_abort: int = 100  # ...once at least this many were tried
     workers: int = max(1, os.cpu_count() or 1)  # processes; decoding and encoding hold the GIL
@@ -136,7 +137,8 @@ def _prepared_chunks(items: list[SourceImage], secret: bytes | None, task: Task,
     The secret reaches the workers through the pool's pipe (pickled init arguments), never
     through argv, the environment or a file.
     """
-    chunks = [items[i : i + settings.chunk] for i in range(0, len(items), settings.chunk)]
+    size = max(1, min(settings.chunk, settings.chunk_bytes // (3 * task.image_size**2)))
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
     if settings.workers <= 1 or len(chunks) <= 1:
         encoder = _ChunkEncoder(secret, task)
         return (encoder(chunk) for chunk in chunks)

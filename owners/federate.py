@@ -38,7 +38,8 @@ def node_config(values: dict[str, str]) -> str:
 
 
 def prepare_federation(key_spec: str, key: OwnerKey, data: Path, test_data: Path | None, conn: Connection,
-                       adapter_init: str, progress: bool | None, log) -> dict[str, str]:
+                       adapter_init: str, progress: bool | None, log,
+                       allow_weak_geometry: bool = False) -> dict[str, str]:
     """Fetch the task, encrypt the owner's splits; returns the SuperNode's node config."""
     client = IngestClient(conn, log)
     try:
@@ -48,6 +49,7 @@ def prepare_federation(key_spec: str, key: OwnerKey, data: Path, test_data: Path
     if not offer.task.encrypted:
         raise TaskMismatch("the server's task is plain: federated training here needs an encrypted scheme")
     log(offer.describe())
+    offer.checked_geometry(allow_weak_geometry, log)
     config = {"key": key_spec, "adapter-init": adapter_init}
     for split, folder in (("train", data), ("test", test_data)):
         if folder is None:

@@ -4,6 +4,7 @@ The images never leave the machine unencrypted; the server learns only the key i
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +15,9 @@ from owners.cipher import BlockCipher, CipherGeometry
 from owners.errors import TaskMismatch
 from owners.images import BadImage, load_rgb
 from owners.keys import OwnerKey
-from owners.upload import Connection, open_channel, service_error
+from owners.upload import Connection, ServerTask, open_channel, service_error
 from protocol.proto import ingest_pb2 as pb
 from protocol.proto import ingest_pb2_grpc as pb_grpc
-from protocol.task import Task
 
 
 @dataclass(frozen=True)
@@ -27,16 +27,19 @@ class PredictionResult:
     error: str | None = None
 
 
-def predict_images(key: OwnerKey | None, paths: list[Path], conn: Connection, top: int = 3) -> list[PredictionResult]:
+def predict_images(key: OwnerKey | None, paths: list[Path], conn: Connection, top: int = 3,
+                   allow_weak_geometry: bool = False, log=None) -> list[PredictionResult]:
     channel = open_channel(conn)
     stub = pb_grpc.PredictorStub(channel)
     metadata = (("authorization", f"Bearer {conn.token}"),)
     try:
         info = stub.GetModelInfo(pb.ModelInfoRequest(), metadata=metadata, timeout=conn.call_timeout)
-        task = Task.from_pb(info.task)
+        offer = ServerTask.from_pb(info.task)
+        task = offer.task
         if task.encrypted != (key is not None):
             raise TaskMismatch(f"the model's task uses scheme {task.scheme!r}: "
                                + ("a --key is required" if task.encrypted else "use --plain"))
+        offer.checked_geometry(allow_weak_geometry, log or (lambda msg: print(msg, file=sys.stderr)))
         results: dict[str, PredictionResult] = {}
         good, arrays = [], []
         for path in paths:

@@ -21,12 +21,13 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
+from owners.cipher import CipherGeometry, strength_warning
 from owners.errors import ServiceError
 from protocol.net import CHUNK_BYTES, MAX_MESSAGE_BYTES, is_loopback_host
 from protocol.proto import ingest_pb2 as pb
 from protocol.proto import ingest_pb2_grpc as pb_grpc
 from protocol.shards import MANIFEST_NAME, Manifest
-from protocol.task import Task
+from protocol.task import Task, is_safe_name
 
 TOKEN_ENV = "OWNER_AGENT_TOKEN"
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
@@ -57,7 +58,19 @@ class ServerTask:
 
     @classmethod
     def from_pb(cls, message: pb.Task) -> ServerTask:
+        """Validated on arrival: the task like any other, and the names the agent puts in paths."""
+        for what, name in (("run name", message.run_name), ("owner id", message.owner_id)):
+            if not is_safe_name(name):
+                raise ServiceError(f"the server sent {what} {name[:80]!r}: not a plain name (letters, digits, "
+                                   "'.', '_', '-'); refusing to use it in a path")
         return cls(Task.from_pb(message), message.run_name, message.owner_id)
+
+    def checked_geometry(self, allow_weak: bool, log) -> None:
+        """Refuse a geometry that hides nothing (unless the owner insists); warn when it is weak."""
+        if self.task.encrypted:
+            warning = strength_warning(CipherGeometry.for_task(self.task), allow_weak)
+            if warning:
+                log(warning)
 
     def describe(self) -> str:
         t = self.task
