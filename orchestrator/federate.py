@@ -34,8 +34,9 @@ def flower_env(home: Path) -> dict[str, str]:
 
 
 def write_app(folder: Path) -> Path:
-    """A Flower App holding no code: its components are modules installed with this package, so
-    an owner's SuperNode runs the owner's own installed client, not code shipped by the server."""
+    """A Flower App holding no code: its components are modules installed with this package. An
+    owner's SuperNode accepts only such an app and runs the owner's own installed client
+    (``owners/app_guard.py`` refuses any app that ships code or names another client)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pyproject.toml").write_text(
         '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
