@@ -8,7 +8,6 @@ the stacked YCbCr plane). Also the number of blocks and log2 of the key space pe
 from __future__ import annotations
 
 import argparse
-import math
 import secrets
 from pathlib import Path
 
