@@ -20,6 +20,7 @@ from protocol.task import Task, TaskError
 
 OWNER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+NODE_KEY = re.compile(r"^ecdsa-sha2-nistp(256|384|521) [A-Za-z0-9+/]+={0,2}( \S.*)?$")
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,8 @@ class TlsConfig:
 class OwnerEntry:
     id: str  # owner id; the token decides who is who
     token_sha256: str  # hex sha256 of the owner's token; the server never stores tokens
+    node_public_key: str | None = None  # federated mode with TLS: the owner's SuperNode key, the line
+    # `owner-agent node-key` prints (ecdsa-sha2-nistp384 ...); a node without a registered key is refused
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,22 @@ def _validate_federated(cfg: ClusterConfig) -> None:
     if tls is None and not is_loopback(fed.listen):
         raise ConfigError("federated.listen: without ingest.tls the Flower link is plaintext; listen on loopback "
                           "or configure ingest.tls (with ca)")
+    if tls is not None:
+        _validate_node_keys(cfg.ingest.owners)
+
+
+def _validate_node_keys(owners: tuple[OwnerEntry, ...]) -> None:
+    """Federated with TLS: every owner's SuperNode authenticates with a key registered here."""
+    for i, owner in enumerate(owners):
+        if owner.node_public_key is None:
+            raise ConfigError(f"ingest.owners[{i}].node_public_key: required for the federated mode with TLS "
+                              "(the owner runs `owner-agent node-key` and sends you the line it prints)")
+        if not NODE_KEY.match(owner.node_public_key):
+            raise ConfigError(f"ingest.owners[{i}].node_public_key: expected an OpenSSH NIST EC public key line "
+                              "(ecdsa-sha2-nistp256|384|521 AAAA...)")
+    keys = [o.node_public_key.split()[1] for o in owners]
+    if len(set(keys)) != len(keys):
+        raise ConfigError("ingest.owners: two owners share a node_public_key")
 
 
 def parse_config(data: object, source: Path | None = None) -> ClusterConfig:

@@ -72,8 +72,11 @@ class SuperLink:
     def __init__(self, listen: str, home: Path, log_file: Path, tls=None) -> None:
         host, _, port = listen.rpartition(":")
         home.mkdir(parents=True, exist_ok=True)
+        # With TLS, only SuperNodes whose public key is registered may join (Flower allows node
+        # authentication over TLS only; plaintext is for loopback, one machine, anyway).
         security = ["--insecure"] if tls is None else [
-            "--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
+            "--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key),
+            "--enable-supernode-auth"]
         self.address = control_address(listen)
         (home / "config.toml").write_text(cli_config(self.address, tls))
         self.env = flower_env(home)
@@ -112,6 +115,34 @@ def not_answering(link: SuperLink, cfg: ClusterConfig, log_file: Path) -> str:
     return f"{why}; see {log_file}"
 
 
+def answered(link: SuperLink, cfg: ClusterConfig, log_file: Path, *args: str) -> dict:
+    """``flwr *args`` once the SuperLink answers (it takes a few seconds to listen after starting)."""
+    deadline = time.monotonic() + 60
+    while True:
+        answer = link.flwr(*args)
+        if answer.get("success") or "unavailable" not in str(answer.get("error-message", "")):
+            return answer
+        if time.monotonic() > deadline or link.process.poll() is not None:
+            raise RunFailed(not_answering(link, cfg, log_file))
+        time.sleep(1)
+
+
+def register_owner_nodes(link: SuperLink, cfg: ClusterConfig, work: Path) -> None:
+    """With TLS, register every owner's SuperNode public key (ingest.owners[].node_public_key):
+    a SuperNode whose key is not registered cannot join, whatever token its owner holds."""
+    if cfg.ingest.tls is None:
+        return
+    folder = work / "node-keys"
+    folder.mkdir(parents=True, exist_ok=True)
+    for owner in cfg.ingest.owners:
+        path = folder / f"{owner.id}.pub"
+        path.write_text(f"{owner.node_public_key}\n")
+        answer = answered(link, cfg, work / "superlink.log", "supernode", "register", str(path), FEDERATION,
+                          "--name", owner.id)
+        if not answer.get("success"):
+            raise RunFailed(f"registering {owner.id}'s node key with the SuperLink failed: {answer}")
+
+
 def run_federation(cfg: ClusterConfig, work: Path, stop: threading.Event, log=print, poll_s: float = 2.0) -> Path:
     """Start the SuperLink, submit the federation, wait for it to finish; returns the trunk checkpoint."""
     plan = plan_for(cfg)
@@ -120,17 +151,10 @@ def run_federation(cfg: ClusterConfig, work: Path, stop: threading.Event, log=pr
     app_dir = write_app(work / "app")
     link = SuperLink(cfg.federated.listen, work / "flower-home", work / "superlink.log", cfg.ingest.tls)
     try:
+        register_owner_nodes(link, cfg, work)
         run_config = f'cluster-config="{cfg.source}" out-dir="{out_dir}"'
-        submitted = None
-        deadline = time.monotonic() + 60
-        while submitted is None:  # the SuperLink takes a few seconds to listen
-            answer = link.flwr("run", str(app_dir), FEDERATION, "--run-config", run_config)
-            if answer.get("success") or "unavailable" not in str(answer.get("error-message", "")):
-                submitted = answer
-            elif time.monotonic() > deadline or link.process.poll() is not None:
-                raise RunFailed(not_answering(link, cfg, work / "superlink.log"))
-            else:
-                time.sleep(1)
+        submitted = answered(link, cfg, work / "superlink.log", "run", str(app_dir), FEDERATION, "--run-config",
+                             run_config)
         if not submitted.get("success"):
             raise RunFailed(f"flwr run refused the federation: {submitted}")
         run_id = str(submitted["run-id"])

@@ -138,6 +138,16 @@ def cmd_federate(args: argparse.Namespace) -> int:
     return run_supernode(args.flower, config, Path(args.ca_file) if args.ca_file else None, args.insecure, _log)
 
 
+def cmd_node_key(args: argparse.Namespace) -> int:
+    from owners.federate import node_key
+
+    path, public = node_key(keyring_dir().parent)
+    _log(f"node key: {path} (private, stays here). Give the operator this line for your "
+         "ingest.owners entry's node_public_key:")
+    print(public)
+    return 0
+
+
 def cmd_decrypt(args: argparse.Namespace) -> int:
     from owners.decrypt import decrypt_folder
 
@@ -283,6 +293,9 @@ def _add_federate(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_weak_geometry(p)
     p.set_defaults(func=cmd_federate)
+
+    p = sub.add_parser("node-key", help="print the public key your SuperNode authenticates with (federated, TLS)")
+    p.set_defaults(func=cmd_node_key)
 
 
 def _add_local_tools(sub) -> None:

@@ -22,11 +22,12 @@ from owners.agent import default_outbox, encrypt_unless_current
 from owners.encrypt import EncryptSettings
 from owners.errors import OwnerError, TaskMismatch
 from owners.files import check_not_shared, private_dir
-from owners.keys import OwnerKey, keyring_dir
+from owners.keys import OwnerKey, check_private, keyring_dir
 from owners.upload import Connection, IngestClient
 from protocol.net import free_port
 
 BIN = Path(sys.executable).parent
+NODE_KEY_FILE = "node-key"  # in $OWNER_AGENT_HOME/federated/: the SuperNode's authentication key
 
 
 def node_config(values: dict[str, str]) -> str:
@@ -64,11 +65,38 @@ def prepare_federation(key_spec: str, key: OwnerKey, data: Path, test_data: Path
     return config
 
 
+def node_key(home: Path) -> tuple[Path, str]:
+    """The private key this owner's SuperNode authenticates with (created on first use, 0600, never
+    sent anywhere) and the public key line the operator registers (ingest.owners[].node_public_key)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    path = private_dir(home / "federated") / NODE_KEY_FILE
+    if not path.exists():
+        pem = ec.generate_private_key(ec.SECP384R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with open(fd, "wb") as f:
+            f.write(pem)
+    check_private(path, "node key file")
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), None)
+    except (ValueError, TypeError):
+        raise OwnerError(f"node key file {path} is malformed; remove it to make a new one (and have it "
+                         "registered)") from None
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return path, public.decode("ascii")
+
+
 def run_supernode(flower: str, config: dict[str, str], ca_file: Path | None, insecure: bool, log) -> int:
     """Run the SuperNode in the foreground until it exits or Ctrl-C; returns its exit code."""
-    security = ["--insecure"] if insecure else ["--root-certificates", str(ca_file)]
     if not insecure and ca_file is None:
         raise OwnerError("--ca-file is required for a TLS connection to the Flower server (or --insecure on loopback)")
+    security = ["--insecure"]
+    if not insecure:  # over TLS the SuperNode also proves it is this owner's registered node
+        key_file, public = node_key(keyring_dir().parent)
+        security = ["--root-certificates", str(ca_file), "--auth-supernode-private-key", str(key_file)]
+        log(f"this node's public key (registered by the operator as your node_public_key): {public}")
     cmd = [str(BIN / "flower-supernode"), *security, "--superlink", flower, "--port", str(free_port()),
            "--node-config", node_config(config)]
     home = keyring_dir().parent

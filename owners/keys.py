@@ -134,7 +134,7 @@ def _looks_like_path(spec: str) -> bool:
     return os.sep in spec or spec.endswith(".key") or spec.startswith(".")
 
 
-def _check_private(path: Path, what: str = "key file") -> None:
+def check_private(path: Path, what: str = "key file") -> None:
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyringError(
@@ -148,7 +148,7 @@ def read_passphrase_file(path: Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise KeyringError(f"passphrase file {path} does not exist")
-    _check_private(path, "passphrase file")
+    check_private(path, "passphrase file")
     try:
         text = path.read_text("utf-8")
     except UnicodeDecodeError:
@@ -160,7 +160,7 @@ def read_key_file(path: Path, name: str | None = None) -> OwnerKey:
     path = Path(path)
     if not path.is_file():
         raise KeyringError(f"key file {path} does not exist")
-    _check_private(path)
+    check_private(path)
     try:
         doc = json.loads(path.read_text("utf-8"))
         if not isinstance(doc, dict):

@@ -1,6 +1,8 @@
 """The federated mode over TLS: `orchestrator federate` with ingest.tls (cert, key, ca) runs the Flower
-SuperLink with TLS, and an owner joins with `owner-agent federate --ca-file` (no --insecure). One owner,
-one round, 2 classes x 10 images: the point is the certificates, not the learning."""
+SuperLink with TLS and node authentication, and an owner joins with `owner-agent federate --ca-file`
+(no --insecure) from the node whose key the operator registered; a node with a stolen token but an
+unregistered key is refused. One owner, one round, 2 classes x 10 images: the point is the
+certificates and keys, not the learning."""
 from __future__ import annotations
 
 import contextlib
@@ -47,7 +49,8 @@ def pki(tmp_path_factory) -> dict[str, Path]:
     return {"ca": ca_pem, "cert": cert, "key": key}
 
 
-def cluster(tmp_path: Path, pki: dict[str, Path], ingest_port: int, flower_port: int, with_ca: bool = True) -> Path:
+def cluster(tmp_path: Path, pki: dict[str, Path], ingest_port: int, flower_port: int, with_ca: bool = True,
+            node_key: str | None = None) -> Path:
     tls = {"cert": str(pki["cert"]), "key": str(pki["key"])}
     if with_ca:
         tls["ca"] = str(pki["ca"])
@@ -55,7 +58,7 @@ def cluster(tmp_path: Path, pki: dict[str, Path], ingest_port: int, flower_port:
         "name": "fed-tls",
         "task": {"classes": CLASSES},
         "ingest": {"listen": f"127.0.0.1:{ingest_port}", "store": str(tmp_path / "store"), "tls": tls,
-                   "owners": [{"id": OWNER, "token_sha256": token_sha256(TOKEN)}]},
+                   "owners": [{"id": OWNER, "token_sha256": token_sha256(TOKEN), "node_public_key": node_key}]},
         "training": {"strategy": "federated", "epochs": 1, "batch_size": 8},
         "federated": {"listen": f"127.0.0.1:{flower_port}", "local_epochs": 1, "min_owners": 1,
                       "round_timeout_s": 300},
@@ -109,16 +112,25 @@ def start(name: str, cmd: list[str], env: dict[str, str], logs: Path) -> subproc
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
 
 
-def join(tmp_path: Path, pki: dict[str, Path], ingest_port: int, flower_port: int, logs: Path) -> subprocess.Popen:
-    """An owner: a key, a token file, its data; `owner-agent federate` over TLS with --ca-file."""
-    owner_env = {**ENV, "OWNER_AGENT_HOME": str(tmp_path / "home")}
+def node_public_key(home: Path) -> str:
+    """What `owner-agent node-key` prints: the line the owner gives the operator."""
+    out = subprocess.run([sys.executable, "-m", "owners.cli", "node-key"], cwd=ROOT, check=True, text=True,
+                         env={**ENV, "OWNER_AGENT_HOME": str(home)}, capture_output=True, timeout=60)
+    return out.stdout.strip()
+
+
+def join(tmp_path: Path, pki: dict[str, Path], ingest_port: int, flower_port: int, logs: Path,
+         name: str = OWNER) -> subprocess.Popen:
+    """An owner (its home: tmp_path / name): a key, a token file, its data; `owner-agent federate`
+    over TLS with --ca-file."""
+    owner_env = {**ENV, "OWNER_AGENT_HOME": str(tmp_path / name)}
     subprocess.run([sys.executable, "-m", "owners.cli", "keygen", "mine"], cwd=ROOT, env=owner_env, check=True,
                    capture_output=True, timeout=60)
-    token_file = tmp_path / "owner.token"
+    token_file = tmp_path / f"{name}.token"
     token_file.write_text(TOKEN)
     token_file.chmod(0o600)
-    train, test = owner_data(tmp_path / "data")
-    return start(OWNER, [sys.executable, "-m", "owners.cli", "federate", "--key", "mine", "--data", str(train),
+    train, test = owner_data(tmp_path / f"data-{name}")
+    return start(name, [sys.executable, "-m", "owners.cli", "federate", "--key", "mine", "--data", str(train),
                          "--test-data", str(test), "--server", f"127.0.0.1:{ingest_port}", "--token-file",
                          str(token_file), "--flower", f"127.0.0.1:{flower_port}", "--ca-file", str(pki["ca"]),
                          "--no-progress"], owner_env, logs)
@@ -127,7 +139,7 @@ def join(tmp_path: Path, pki: dict[str, Path], ingest_port: int, flower_port: in
 @pytest.mark.slow
 def test_federation_over_tls(tmp_path, pki):
     ingest_port, flower_port = free_port(), free_port()
-    config = cluster(tmp_path, pki, ingest_port, flower_port)
+    config = cluster(tmp_path, pki, ingest_port, flower_port, node_key=node_public_key(tmp_path / OWNER))
     logs = tmp_path / "logs"
     logs.mkdir()
     procs: dict[str, subprocess.Popen] = {}
@@ -139,10 +151,14 @@ def test_federation_over_tls(tmp_path, pki):
         peer = tls_peer(flower_port, pki["ca"])  # the SuperLink is up: it presents our certificate
         assert dict(x[0] for x in peer["subject"])["commonName"] == "127.0.0.1"
         assert not plaintext_answer(flower_port).startswith(b"HTTP/")
+        # the same token on another machine: its node key is not the registered one
+        procs["intruder"] = join(tmp_path, pki, ingest_port, flower_port, logs, name="intruder")
         procs[OWNER] = join(tmp_path, pki, ingest_port, flower_port, logs)
         wait_for(lambda: procs["orchestrator"].poll() is not None, "the federation to finish",
                  {OWNER: procs[OWNER]}, logs)
         assert procs["orchestrator"].returncode == 0, (logs / "orchestrator.err").read_text()[-3000:]
+        intruder_exit = procs["intruder"].poll()  # it left by itself: the SuperLink refused its node key
+        assert intruder_exit is not None and intruder_exit > 0, (logs / "intruder.err").read_text()[-2000:]
     finally:
         for p in procs.values():
             with contextlib.suppress(ProcessLookupError):
@@ -153,6 +169,9 @@ def test_federation_over_tls(tmp_path, pki):
     assert Path(result["trunk_checkpoint"]).is_file()
     rounds = [json.loads(line) for line in Path(result["metrics"]).read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1]
+    state = Path("federated") / "fed-tls" / OWNER / "status.json"
+    assert (tmp_path / OWNER / state).is_file()  # the registered node trained
+    assert not (tmp_path / "intruder" / state).exists(), (logs / "intruder.err").read_text()[-2000:]
 
 
 def test_federated_tls_without_ca_is_refused(tmp_path, pki):
@@ -161,6 +180,10 @@ def test_federated_tls_without_ca_is_refused(tmp_path, pki):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "ingest.tls.ca" in out.stderr
+    config = cluster(tmp_path, pki, free_port(), free_port())  # with ca, but no owner's node key
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "check", str(config)], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "ingest.owners[0].node_public_key: required" in out.stderr
 
 
 def test_the_flwr_cli_reaches_a_bind_all_superlink_on_loopback_with_the_ca(pki, tmp_path, monkeypatch):
