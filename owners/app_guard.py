@@ -84,10 +84,13 @@ def main() -> None:
     # The modules by their full names: the packages re-export functions of the same names.
     runner = importlib.import_module("flwr.supernode.runtime.run_clientapp")
     cli = importlib.import_module("flwr.supernode.cli.flwr_clientapp")
+    # Fail closed: if this Flower version loads apps through other names, run nothing at all.
+    laid_out_as_expected = (hasattr(runner, "install_from_fab") and hasattr(runner, "get_load_client_app_fn")
+                            and cli.run_clientapp is runner.run_clientapp)
+    if not laid_out_as_expected:
+        raise ForeignApp("this Flower version's flwr-clientapp is laid out differently; refusing to run unguarded")
     runner.install_from_fab = _check_instead_of_install
     runner.get_load_client_app_fn = _installed_client_loader
-    if cli.run_clientapp is not runner.run_clientapp:  # the CLI must call the function patched above
-        raise ForeignApp("this Flower version's flwr-clientapp is laid out differently; refusing to run unguarded")
     sys.argv = [a for a in sys.argv if a != "--allow-runtime-dependency-installation"]
     cli.flwr_clientapp()
 
