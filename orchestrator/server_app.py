@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
@@ -43,6 +43,16 @@ def _round_records(result) -> list[dict]:
     return rounds
 
 
+def hand_out_trunk(grid: Grid, plan: FederatedPlan, arrays: ArrayRecord, timeout_s: float) -> int:
+    """Send every connected owner the final trunk, so that it can predict at home with its own
+    adapter (which never left it). Returns how many owners stored it."""
+    config = ConfigRecord({"plan": plan.to_json()})
+    messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
+                        message_type=MessageType.QUERY) for node in grid.get_node_ids()]
+    replies = grid.send_and_receive(messages, timeout=timeout_s)
+    return sum(not reply.has_error() for reply in replies)
+
+
 def run_federated(grid: Grid, plan: FederatedPlan, min_owners: int, round_timeout_s: float, out_dir: Path,
                   log=print) -> Path:
     """FedAvg for ``plan.rounds`` rounds; writes metrics.jsonl per round and the trunk checkpoint."""
@@ -61,7 +71,9 @@ def run_federated(grid: Grid, plan: FederatedPlan, min_owners: int, round_timeou
     path = out_dir / FINAL_CHECKPOINT
     head = ckpt.header(plan.task, plan.settings, [], rounds=rounds, seconds=time.time() - started)
     torch.save({**head, "state_dict": result.arrays.to_torch_state_dict()}, path)
-    log(f"federated training done: {len(rounds)} rounds in {time.time() - started:.0f} s; trunk in {path}")
+    stored = hand_out_trunk(grid, plan, result.arrays, round_timeout_s)
+    log(f"federated training done: {len(rounds)} rounds in {time.time() - started:.0f} s; trunk in {path}; "
+        f"{stored} owner(s) stored it to predict at home")
     return path
 
 

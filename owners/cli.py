@@ -110,12 +110,19 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from owners.predict import predict_images
+    from owners.predict import predict_federated, predict_images
 
     key = _key_or_plain(args, create=False, what="a plain model")
+    if bool(args.federated) == bool(args.server) or (args.federated and key is None):
+        raise SystemExit("owner-agent predict: give --server HOST:PORT (the cloud's model), or --federated "
+                         "STATE_DIR with your --key (a federated model, here)")
+    if args.federated:
+        results = predict_federated(key, [Path(p) for p in args.images], Path(args.federated), top=args.top)
+    else:
+        results = predict_images(key, [Path(p) for p in args.images], _connection(args), top=args.top,
+                                 allow_weak_geometry=args.allow_weak_geometry, log=_log)
     failed = 0
-    for result in predict_images(key, [Path(p) for p in args.images], _connection(args), top=args.top,
-                                 allow_weak_geometry=args.allow_weak_geometry, log=_log):
+    for result in results:
         if result.error:
             failed += 1
             print(f"{result.path}\terror: {result.error}")
@@ -218,8 +225,8 @@ def _add_codec(p: argparse.ArgumentParser) -> None:
                    help="JPEG chroma subsampling of colour images (default 420)")
 
 
-def _add_connection(p: argparse.ArgumentParser, server_help: str) -> None:
-    p.add_argument("--server", required=True, help=server_help)
+def _add_connection(p: argparse.ArgumentParser, server_help: str, required: bool = True) -> None:
+    p.add_argument("--server", required=required, help=server_help)
     p.add_argument("--token-file", help="file holding your token (mode 0600); or set $OWNER_AGENT_TOKEN")
     p.add_argument("--ca-file", help="CA certificate (PEM) that signed the server's certificate")
     p.add_argument("--client-cert", help="your client certificate (PEM), for mutual TLS")
@@ -274,7 +281,10 @@ def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="classify images: encrypt locally, send to the prediction service")
     p.add_argument("--key", help="key name or key file (never created here)")
     p.add_argument("--plain", action="store_true", help="the model was trained on plain images")
-    _add_connection(p, "prediction service HOST:PORT (serve.listen)")
+    _add_connection(p, "prediction service HOST:PORT (serve.listen); not with --federated", required=False)
+    p.add_argument("--federated", metavar="STATE_DIR",
+                   help="predict here with a federated model: the folder `owner-agent federate` named when "
+                        "it joined (final trunk + your adapter); nothing is sent anywhere")
     p.add_argument("--top", type=int, default=3, help="classes to print per image (default 3)")
     p.add_argument("images", nargs="+", help="image files")
     _add_weak_geometry(p)

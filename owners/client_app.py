@@ -23,6 +23,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from mlcore.checkpoint import header
 from mlcore.data import ShardRef, shard_refs
 from mlcore.federated import (
     FederatedPlan,
@@ -43,6 +44,7 @@ from protocol.shards import Manifest
 
 ADAPTER_INITS = ("key", "learned")
 STATE_KEY = "private-adapter"
+TRUNK_FILE = "trunk.pt"  # the federation's final trunk, next to the adapter: together, the owner's model
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,20 @@ def handle_evaluate(site: OwnerSite, msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
+def handle_final_trunk(site: OwnerSite, msg: Message, context: Context) -> Message:
+    """The federation's final trunk: checked against the owner's network, then kept next to the
+    owner's adapter (``<state-dir>/trunk.pt``) for ``owner-agent predict --federated``."""
+    plan = FederatedPlan.from_json(str(msg.content["config"]["plan"]))
+    shared = msg.content["arrays"].to_torch_state_dict()
+    load_states(owner_network(plan, site.key.key_id), shared, None)  # refuses arrays that do not fit
+    private_dir(site.state_dir)
+    tmp = site.state_dir / ".trunk.pt.partial"
+    torch.save({**header(plan.task, plan.settings, []), "state_dict": shared}, tmp)
+    tmp.replace(site.state_dir / TRUNK_FILE)
+    note_status(site, 0, "trunk stored")
+    return Message(content=RecordDict({"metrics": MetricRecord({"stored": 1})}), reply_to=msg)
+
+
 def make_client_app(sites: dict[int, OwnerSite]) -> ClientApp:
     """For Flower's simulation: partition-id picks the owner."""
     client = ClientApp()
@@ -150,6 +166,10 @@ def make_client_app(sites: dict[int, OwnerSite]) -> ClientApp:
     @client.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(sites[int(context.node_config["partition-id"])], msg, context)
+
+    @client.query()
+    def final_trunk(msg: Message, context: Context) -> Message:
+        return handle_final_trunk(sites[int(context.node_config["partition-id"])], msg, context)
 
     return client
 
@@ -165,3 +185,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return handle_evaluate(site_from_node_config(dict(context.node_config)), msg, context)
+
+
+@app.query()
+def final_trunk(msg: Message, context: Context) -> Message:
+    return handle_final_trunk(site_from_node_config(dict(context.node_config)), msg, context)

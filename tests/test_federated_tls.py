@@ -171,6 +171,14 @@ def test_federation_over_tls(tmp_path, pki):
     assert [r["round"] for r in rounds] == [1]
     state = Path("federated") / "fed-tls" / OWNER / "status.json"
     assert (tmp_path / OWNER / state).is_file()  # the registered node trained
+    # ...and got the final trunk: it predicts at home, with nothing sent anywhere
+    images = sorted((SAMPLE / "test" / CLASSES[0]).iterdir())[:2]
+    out = subprocess.run([sys.executable, "-m", "owners.cli", "predict", "--key", "mine", "--federated",
+                          str(tmp_path / OWNER / state.parent), *map(str, images)], cwd=ROOT, text=True,
+                         env={**ENV, "OWNER_AGENT_HOME": str(tmp_path / OWNER)}, capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [line.split("\t")[0] for line in out.stdout.splitlines()] == [str(p) for p in images]
+    assert all(line.split("\t")[1].split()[0] in CLASSES for line in out.stdout.splitlines())
     assert not (tmp_path / "intruder" / state).exists(), (logs / "intruder.err").read_text()[-2000:]
 
 

@@ -18,7 +18,9 @@ from mlcore.settings import TrainSettings
 from models.keyed import decode_adapter
 from owners.cipher import CipherGeometry, derive_schedule
 from owners.encrypt import EncryptSettings, encrypt_folder
+from owners.errors import OutboxError
 from owners.keys import OwnerKey
+from owners.predict import predict_federated
 from protocol.task import Task
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cifar10-sample"
@@ -81,3 +83,15 @@ def test_simulated_federation_keeps_adapters_at_the_owners(tmp_path):
         assert decode_adapter(model.adapters[0])["place"].tolist() == list(truth.source)  # started at the key's inverse
         blob = (site.state_dir / f"adapter-{site.key.key_id}.pt").read_bytes() + checkpoint.read_bytes()
         assert site.key.secret not in blob and site.key.secret.hex().encode() not in blob
+        # every owner got the final trunk and predicts at home: trunk (the server's) + its own adapter
+        trunk = torch.load(site.state_dir / "trunk.pt", weights_only=True)
+        assert all(torch.equal(trunk["state_dict"][k], v) for k, v in payload["state_dict"].items())
+        images = sorted((data / "airplane").iterdir())[:3] + sorted((data / "automobile").iterdir())[:3]
+        results = predict_federated(site.key, [*images, tmp_path / "missing.jpg"], site.state_dir, top=2)
+        assert [r.path for r in results] == [str(p) for p in [*images, tmp_path / "missing.jpg"]]
+        assert all(r.error is None and {c for c, _ in r.top} == set(classes) for r in results[:-1])
+        assert all(abs(sum(p for _, p in r.top) - 1) < 1e-4 for r in results[:-1])  # two classes: all the mass
+        assert results[-1].error and not results[-1].top
+        stranger = OwnerKey("x", b"a key this federation never saw!")
+        with pytest.raises(OutboxError, match="adapter"):
+            predict_federated(stranger, images, site.state_dir)
