@@ -22,7 +22,7 @@ from orchestrator import rpc
 from orchestrator.auth import TokenAuth
 from orchestrator.config import ClusterConfig, ConfigError
 from orchestrator.errors import InvalidRequest, ModelNotTrainedForKey, Refused
-from protocol.codec import decode
+from protocol.codec import CodecError, check_encoded, decode
 from protocol.net import is_loopback
 from protocol.proto import ingest_pb2 as pb
 from protocol.proto import ingest_pb2_grpc as pb_grpc
@@ -63,10 +63,11 @@ class Predictor:
         expected = shape.shape + ((3,) if shape.in_chans == 3 else ())
         arrays = []
         for i, data in enumerate(encoded):
-            try:
-                arr = decode(data)
-            except Exception as exc:
-                raise InvalidRequest(f"image {i}: cannot decode ({type(exc).__name__})") from None
+            try:  # format, size and mode from the header before any pixel is decoded
+                check_encoded(data, self.task.format, shape.shape, shape.in_chans)
+            except CodecError as exc:
+                raise InvalidRequest(f"image {i}: {exc}") from None
+            arr = decode(data)
             if arr.shape != expected:
                 raise InvalidRequest(f"image {i}: shape {arr.shape}, the model expects {expected}")
             arrays.append(arr)

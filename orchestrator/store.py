@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.errors import Busy, DataCorrupted, InvalidRequest, NotFound, StorageUnavailable, WrongState
-from protocol.shards import Manifest, ManifestError
+from protocol.shards import Manifest, ManifestError, inspect_shard
 from protocol.task import Task
 
 SCHEMA = """
@@ -180,18 +180,18 @@ class ShardStore:
     # ------------------------------------------------------------------ shard uploads
 
     def begin_upload(self, owner: str, dataset_id: str, sha256: str, offset: int) -> ShardUpload:
-        rows = self._query("SELECT d.owner, s.size FROM dataset_shards s JOIN datasets d ON d.id = s.dataset_id "
-                           "WHERE s.dataset_id = ? AND s.sha256 = ?", (dataset_id, sha256))
+        rows = self._query("SELECT d.owner, s.size, s.images FROM dataset_shards s JOIN datasets d "
+                           "ON d.id = s.dataset_id WHERE s.dataset_id = ? AND s.sha256 = ?", (dataset_id, sha256))
         if not rows or rows[0][0] != owner:
             raise NotFound(f"shard {sha256[:12]}... is not part of dataset {dataset_id} of {owner}")
-        size = rows[0][1]
+        size, images = rows[0][1], rows[0][2]
         key = (owner, sha256)
         with self._uploads_lock:
             if key in self._uploads_in_progress:
                 raise Busy(f"another upload of shard {sha256[:12]}... is in progress")
             self._uploads_in_progress.add(key)
         try:
-            return ShardUpload(self, owner, sha256, size, offset)
+            return ShardUpload(self, owner, sha256, size, offset, images)
         except BaseException:
             self._end_upload(key)
             raise
@@ -264,8 +264,9 @@ class _ChunkWriter(threading.Thread):
 class ShardUpload:
     """One upload stream of one shard: append verified chunks from the server's offset on."""
 
-    def __init__(self, store: ShardStore, owner: str, sha256: str, size: int, offset: int) -> None:
+    def __init__(self, store: ShardStore, owner: str, sha256: str, size: int, offset: int, images: int) -> None:
         self.store, self.owner, self.sha256, self.size = store, owner, sha256, size
+        self.images = images  # samples the owner's manifest declares for this shard
         self.partial = store._partial_path(owner, sha256)
         self.stored = store._is_stored(owner, sha256)
         held = size if self.stored else (self.partial.stat().st_size if self.partial.exists() else 0)
@@ -305,11 +306,20 @@ class ShardUpload:
                     self.partial.unlink()
                     raise DataCorrupted(f"shard {self.sha256[:12]}... arrived complete but its sha256 "
                                                   "does not match; discarded, upload it again")
+                self._inspect()
                 self.store._store_object(self.owner, self.partial, self.sha256, self.size)
                 self.stored = True
             return ShardProgress("", self.sha256, self.size, self.received, self.stored)
         finally:
             self.abort()
+
+    def _inspect(self) -> None:
+        """Look inside before the shard becomes visible: training never meets what it cannot read."""
+        try:
+            inspect_shard(self.partial, self.store.task, self.images)
+        except ManifestError as exc:
+            self.partial.unlink()
+            raise InvalidRequest(f"shard {self.sha256[:12]}... refused: {exc}; not stored") from None
 
     def abort(self) -> None:
         """End the stream early (client gone, refused chunk): keep what was verified, free the shard."""

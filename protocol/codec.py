@@ -50,6 +50,28 @@ class Codec:
         return buf.getvalue()
 
 
+PIL_FORMAT = {"jpeg": "JPEG", "png": "PNG"}  # our codec name -> what Pillow reports
+
+
+def check_encoded(data: bytes, format: str, shape: tuple[int, int], channels: int) -> None:
+    """Refuse bytes that are not one image of the task's codec, size and mode, then decode them
+    fully once: the header is read first, so an oversized image (a decompression bomb) is refused
+    before a single pixel is decoded. Raises CodecError saying what is wrong."""
+    mode = "RGB" if channels == 3 else "L"
+    try:
+        with Image.open(io.BytesIO(data), formats=[PIL_FORMAT[format]]) as img:
+            if (img.height, img.width) != tuple(shape) or img.mode != mode:
+                raise CodecError(f"a {img.width}x{img.height} {img.mode} image; the task's images are "
+                                 f"{shape[1]}x{shape[0]} {mode}")
+            img.load()
+    except CodecError:
+        raise
+    except Image.DecompressionBombError:
+        raise CodecError("an image over Pillow's pixel limit (a decompression bomb)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # not this format, truncated, corrupt
+        raise CodecError(f"not a decodable {format} image ({type(exc).__name__})") from None
+
+
 def decode(data: bytes) -> np.ndarray:
     """File bytes -> (H, W, 3) or (H, W) uint8, exactly as stored (no conversion)."""
     with Image.open(io.BytesIO(data)) as img:

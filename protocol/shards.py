@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from protocol.codec import CodecError, check_encoded
 from protocol.task import SCHEMES, SPLITS, is_safe_component
 
 MANIFEST_NAME = "manifest.json"
@@ -226,6 +227,27 @@ def iter_samples(path: Path) -> Iterator[tuple[str, bytes, int]]:
                 del pending[stem]
         if pending:
             raise ManifestError(f"{path}: incomplete samples {sorted(pending)[:3]}")
+
+
+def inspect_shard(path: Path, task, expected_images: int) -> None:
+    """Everything training will read from one shard, checked before anyone trains on it: member
+    names, labels within the task's classes, every image decodable in the task's codec, size and
+    mode, and as many samples as the manifest says. Raises ManifestError naming the problem."""
+    model_input = task.model_input
+    count = 0
+    try:
+        for sid, data, label in iter_samples(path):
+            if label >= len(task.classes):
+                raise ManifestError(f"sample {sid}: label {label}, the task has {len(task.classes)} classes")
+            try:
+                check_encoded(data, task.format, model_input.shape, model_input.in_chans)
+            except CodecError as exc:
+                raise ManifestError(f"sample {sid}: {exc}") from None
+            count += 1
+    except tarfile.TarError as exc:
+        raise ManifestError(f"not a tar archive ({exc})") from None
+    if count != expected_images:
+        raise ManifestError(f"{count} samples, the manifest says {expected_images}")
 
 
 def verify_shards(folder: Path, manifest: Manifest) -> None:
