@@ -31,6 +31,10 @@ class StorageUnavailable(Refused):
     """The server could not write (disk full, I/O error); what was verified before is kept."""
 
 
+class NotYourKey(Refused):
+    """The caller asked about a key id it never uploaded under: another owner's key is not its to use."""
+
+
 class ModelNotTrainedForKey(WrongState):
     """The model has no knowledge of the query's key id: its answers would be noise."""
 

@@ -207,7 +207,7 @@ def launch(cfg: ClusterConfig, once: bool, stop: threading.Event, log=print) -> 
         log(f"report: {report}")
         if once:
             return report
-        serving = start_serving(cfg, checkpoint)
+        serving = start_serving(cfg, checkpoint, ingest.store.key_ids_of)
         log(f"prediction service on port {serving.port}; Ctrl-C stops")
         stop.wait()
         return report

@@ -3,7 +3,16 @@ from __future__ import annotations
 
 import grpc
 
-from orchestrator.errors import Busy, DataCorrupted, InvalidRequest, NotFound, Refused, StorageUnavailable, WrongState
+from orchestrator.errors import (
+    Busy,
+    DataCorrupted,
+    InvalidRequest,
+    NotFound,
+    NotYourKey,
+    Refused,
+    StorageUnavailable,
+    WrongState,
+)
 
 STATUS_BY_ERROR: dict[type[Refused], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
@@ -12,6 +21,7 @@ STATUS_BY_ERROR: dict[type[Refused], grpc.StatusCode] = {
     DataCorrupted: grpc.StatusCode.DATA_LOSS,
     Busy: grpc.StatusCode.ABORTED,
     StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
+    NotYourKey: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 

@@ -21,7 +21,7 @@ from mlcore.settings import TrainSettings
 from orchestrator import rpc
 from orchestrator.auth import TokenAuth
 from orchestrator.config import ClusterConfig, ConfigError
-from orchestrator.errors import InvalidRequest, ModelNotTrainedForKey, Refused
+from orchestrator.errors import InvalidRequest, ModelNotTrainedForKey, NotYourKey, Refused
 from protocol.codec import CodecError, check_encoded, decode
 from protocol.net import is_loopback
 from protocol.proto import ingest_pb2 as pb
@@ -76,19 +76,26 @@ class Predictor:
 
 
 class PredictorServicer(pb_grpc.PredictorServicer):
-    def __init__(self, predictor: Predictor, run_name: str, auth: TokenAuth) -> None:
-        self.predictor, self.run_name, self.auth = predictor, run_name, auth
+    """``owner_key_ids(owner)``: the key ids an owner uploaded under. An owner sees and queries only
+    those: another owner's key id is not its to use, and the list of all of them is nobody's business."""
+
+    def __init__(self, predictor: Predictor, run_name: str, auth: TokenAuth, owner_key_ids) -> None:
+        self.predictor, self.run_name, self.auth, self.owner_key_ids = predictor, run_name, auth, owner_key_ids
 
     def GetModelInfo(self, request, context):
         owner = self.auth.owner(context)
         p = self.predictor
+        mine = self.owner_key_ids(owner)
         return pb.ModelInfo(task=p.task.to_pb(pb, self.run_name, owner), model=p.model_name, strategy=p.strategy,
-                            key_ids=p.key_ids, owner_id=owner)
+                            key_ids=[k for k in p.key_ids if k in mine], owner_id=owner)
 
     def Predict(self, request, context):
         owner = self.auth.owner(context)
         try:
-            probs = self.predictor.predict(list(request.images), request.key_id or None)
+            key_id = request.key_id or None
+            if self.predictor.task.encrypted and key_id not in self.owner_key_ids(owner):
+                raise NotYourKey(f"key id {key_id or '(none)'} is not one you uploaded under")
+            probs = self.predictor.predict(list(request.images), key_id)
         except Refused as exc:
             rpc.abort(context, exc)
         log.info("owner %s: %d predictions", owner, len(probs))
@@ -105,14 +112,15 @@ class PredictionService:
         self.server.stop(grace).wait()
 
 
-def start_serving(cfg: ClusterConfig, checkpoint: Path, listen: str | None = None) -> PredictionService:
+def start_serving(cfg: ClusterConfig, checkpoint: Path, owner_key_ids, listen: str | None = None) -> PredictionService:
     listen = listen or cfg.serve.listen
     if cfg.ingest.tls is None and not (cfg.ingest.insecure_loopback and is_loopback(listen)):
         raise ConfigError("serve.listen: refusing to accept tokens without TLS off loopback")
     predictor = Predictor(checkpoint)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     pb_grpc.add_PredictorServicer_to_server(
-        PredictorServicer(predictor, cfg.name, TokenAuth({o.id: o.token_sha256 for o in cfg.ingest.owners})), server)
+        PredictorServicer(predictor, cfg.name, TokenAuth({o.id: o.token_sha256 for o in cfg.ingest.owners}),
+                          owner_key_ids), server)
     port = rpc.bind(server, listen, cfg.ingest.tls, "serve.listen")
     server.start()
     log.info("prediction service on %s:%d (model %s, checkpoint %s)", listen.rpartition(":")[0], port,

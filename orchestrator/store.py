@@ -213,6 +213,10 @@ class ShardStore:
 
     # ------------------------------------------------------------------ reading (cloud side only)
 
+    def key_ids_of(self, owner: str) -> set[str]:
+        """The key ids ``owner`` has uploaded under (its key domains)."""
+        return {r[0] for r in self._query("SELECT key_id FROM key_domains WHERE owner = ?", (owner,))}
+
     def committed_datasets(self) -> list[dict]:
         """Catalog rows of committed datasets: what training may read."""
         rows = self._query("SELECT id, owner, split, key_id, scheme, images, manifest FROM datasets "

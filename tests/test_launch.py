@@ -7,6 +7,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
 
 from mlcore.checkpoint import load_checkpoint
@@ -20,6 +21,8 @@ from owners.keys import OwnerKey
 from owners.predict import predict_images
 from owners.upload import Connection, ServiceError
 from protocol.net import free_port
+from protocol.proto import ingest_pb2 as pb
+from protocol.proto import ingest_pb2_grpc as pb_grpc
 from protocol.task import Task
 
 pytestmark = pytest.mark.slow
@@ -125,6 +128,13 @@ def test_launch_trains_on_two_owners_reports_and_serves(tmp_path, monkeypatch):
             predict_images(PRIVATE, images[:1], Connection(f"127.0.0.1:{serve_port}", TOKENS["hospital-b"]))
         with pytest.raises(ServiceError, match="UNAUTHENTICATED"):
             predict_images(SHARED, images[:1], Connection(f"127.0.0.1:{serve_port}", "wrong-token"))
+        # an owner sees and uses only the key ids it uploaded under, never another owner's
+        with pytest.raises(ServiceError, match="PERMISSION_DENIED: key id .* is not one you uploaded under"):
+            predict_images(PRIVATE, images[:1], Connection(f"127.0.0.1:{serve_port}", TOKENS["hospital-a"]))
+        with grpc.insecure_channel(f"127.0.0.1:{serve_port}") as channel:
+            info = pb_grpc.PredictorStub(channel).GetModelInfo(
+                pb.ModelInfoRequest(), metadata=(("authorization", f"Bearer {TOKENS['hospital-a']}"),), timeout=30)
+        assert list(info.key_ids) == [SHARED.key_id]
     finally:
         stop.set()
         thread.join(120)
