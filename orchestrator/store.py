@@ -65,6 +65,17 @@ class DatasetState:
     images: int
 
 
+@contextlib.contextmanager
+def catalog_errors():
+    """The catalog could not be read or written (disk full, I/O error, locked too long): the owner
+    is told so, with SQLite's words, as a retryable refusal; nothing half-written stays behind."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        raise StorageUnavailable(f"the server's catalog is unavailable ({exc}); nothing was recorded, try "
+                                 "again later") from None
+
+
 class ShardStore:
     def __init__(self, root: Path, task: Task, max_shard_bytes: int = 1 << 30) -> None:
         self.root = Path(root)
@@ -92,7 +103,7 @@ class ShardStore:
         return self.root / "incoming" / owner / f"{sha256}.part"
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._db_lock:
+        with self._db_lock, catalog_errors():
             return self._db.execute(sql, args).fetchall()
 
     def _is_stored(self, owner: str, sha256: str) -> bool:
@@ -128,7 +139,7 @@ class ShardStore:
             raise InvalidRequest(str(exc)) from None
         self._check_task(manifest)
         dataset_id = hashlib.sha256(owner.encode() + b"\0" + manifest_json).hexdigest()
-        with self._db_lock:
+        with self._db_lock, catalog_errors():
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -150,7 +161,8 @@ class ShardStore:
                                    [(dataset_id, s.name, s.sha256, s.bytes, s.count) for s in manifest.shards])
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite rolls back by itself on some errors (a full disk)
+                    db.execute("ROLLBACK")
                 raise
         return self.dataset_state(owner, dataset_id)
 

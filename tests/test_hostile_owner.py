@@ -5,6 +5,7 @@ other owners' data and training are untouched."""
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -109,3 +110,28 @@ def test_honest_owners_still_upload_after_a_refusal(server, tmp_path, outboxes):
     finally:
         c.close()
     assert state.committed and state.images == 200
+
+
+def test_a_full_catalog_is_a_retryable_unavailable_not_a_rollback_error(server, tmp_path, outboxes):
+    """One owner filling the disk must not turn every other owner's request into 'cannot rollback'."""
+    import shutil
+
+    from orchestrator.errors import StorageUnavailable
+
+    outbox = tmp_path / "outbox"
+    shutil.copytree(outboxes.a, outbox)
+    doc = json.loads((outbox / "manifest.json").read_text())
+    (outbox / "manifest.json").write_text(json.dumps({**doc, "producer": "x" * 20_000}))  # needs new pages
+    store = server.store
+    pages = store._query("PRAGMA page_count")[0][0]
+    store._query(f"PRAGMA max_page_count = {pages}")  # the catalog cannot grow: SQLite says "full"
+    with pytest.raises(StorageUnavailable, match="database or disk is full"):
+        store.open_dataset("hospital-a", (outbox / "manifest.json").read_bytes())
+    c = client(server)
+    try:
+        with pytest.raises(ServiceError, match="UNAVAILABLE: the server's catalog is unavailable"):
+            upload_outbox(outbox, c, progress=False)
+        store._query("PRAGMA max_page_count = 1073741823")  # room again: the same upload goes through
+        assert upload_outbox(outbox, c, progress=False).committed
+    finally:
+        c.close()
