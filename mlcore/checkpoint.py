@@ -65,20 +65,14 @@ def task_of(data: dict) -> Task:
     return Task(**{**data["task"], "classes": tuple(data["task"]["classes"])})
 
 
-def network_for(data: dict, key_ids: list[str] | None = None) -> Network:
-    """An untrained network shaped like the checkpoint's (``key_ids`` overrides its keys)."""
-    settings = TrainSettings.from_dict(data["training"])
-    keys = key_ids if key_ids is not None else data["key_ids"]
-    return build_network(data["model"], len(data["classes"]), task_of(data).model_input,
-                         keys if settings.keyed else None)
-
-
 def model_from_checkpoint(data: dict) -> Network:
     """The trained network, ready to predict (eval mode, channels-last)."""
     if data["strategy"] == "federated":
         raise UnknownKeyError("a federated checkpoint holds the shared trunk only: the key-specific adapters stay "
                               "with their owners, so only an owner can predict with it (mlcore.federated."
                               "owner_model)")
-    model = network_for(data)
+    keyed = TrainSettings.from_dict(data["training"]).keyed
+    model = build_network(data["model"], len(data["classes"]), task_of(data).model_input,
+                          data["key_ids"] if keyed else None)
     model.load_state_dict(data["state_dict"])
     return model.to(memory_format=torch.channels_last).eval()

@@ -16,7 +16,7 @@ import yaml
 
 from mlcore.settings import PRECISIONS, STRATEGIES, TrainSettings
 from protocol.net import is_loopback, split_listen
-from protocol.task import Task, TaskError
+from protocol.task import Task, TaskError, is_safe_name
 
 OWNER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -180,7 +180,7 @@ def _check_listen(value: str, where: str) -> None:
 
 
 def _validate(cfg: ClusterConfig) -> None:
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", cfg.name):
+    if not is_safe_name(cfg.name):  # the same rule owners check the run name against (it names folders)
         raise ConfigError(f"name: {cfg.name!r} must be 1-64 letters, digits, '.', '_' or '-'")
     if len(cfg.task.classes) < 2:
         raise ConfigError("task.classes: need at least two distinct class names")
