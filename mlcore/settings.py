@@ -14,22 +14,42 @@ KEYED_STRATEGIES = ("key-adapters", "federated")  # a per-key adapter in front o
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def bounded(default: float, low: float, high: float) -> float:
+    """A numeric field allowed only in [low, high]. Every number a config or a plan carries has one:
+    a negative learning rate or a batch of a billion images is refused with the field's name before
+    anything runs (``range_errors``), on the cloud and on an owner's machine alike."""
+    return dataclasses.field(default=default, metadata={"range": (low, high)})
+
+
+def range_errors(obj: object, where: str = "") -> list[str]:
+    """``field: value is outside [low, high]`` for every bounded field of a dataclass outside its range
+    (NaN is outside every range)."""
+    errors = []
+    for f in dataclasses.fields(obj):
+        if "range" in f.metadata:
+            low, high = f.metadata["range"]
+            value = getattr(obj, f.name)
+            if not low <= value <= high:
+                errors.append(f"{where}{f.name}: {value!r} is outside the allowed range [{low}, {high}]")
+    return errors
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     strategy: str = "shared-key"  # plain | shared-key | pooled | key-adapters | federated
     model: str = "convmixer_256_8_p4_k9"  # a name registered in models/ (or any timm name)
-    epochs: int = 10
-    batch_size: int = 64  # per worker
-    lr: float = 0.01  # peak learning rate of the one-cycle schedule (AdamW)
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.1
-    mixup_alpha: float = 0.0  # > 0: mixup with Beta(alpha, alpha) (the paper used mixup + CutMix)
-    cutmix_prob: float = 0.0  # probability of block-aligned CutMix instead of mixup for a batch
+    epochs: int = bounded(10, 1, 100_000)
+    batch_size: int = bounded(64, 1, 65_536)  # per worker
+    lr: float = bounded(0.01, 1e-8, 10.0)  # peak learning rate of the one-cycle schedule (AdamW)
+    weight_decay: float = bounded(0.05, 0.0, 10.0)
+    label_smoothing: float = bounded(0.1, 0.0, 0.99)  # 1 would erase the labels
+    mixup_alpha: float = bounded(0.0, 0.0, 100.0)  # > 0: mixup with Beta(alpha, alpha) (the paper used mixup + CutMix)
+    cutmix_prob: float = bounded(0.0, 0.0, 1.0)  # probability of block-aligned CutMix instead of mixup for a batch
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU: bf16 is 6x slower on CPUs without AMX) | fp32 | bf16
     pretrained_file: Path | None = None  # local weights for timm models (e.g. ViT-B/16); never downloaded
-    adapter_lr_scale: float = 10.0  # key-adapters/federated: adapters' peak lr = lr x this (a soft
+    adapter_lr_scale: float = bounded(10.0, 1e-3, 1e4)  # key-adapters/federated: adapters' peak lr = lr x this (a soft
     # block permutation must become a hard one within one schedule)
-    seed: int = 0
+    seed: int = bounded(0, 0, 2**63 - 1)
 
     @property
     def keyed(self) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from mlcore.settings import PRECISIONS, STRATEGIES, TrainSettings
+from mlcore.settings import PRECISIONS, STRATEGIES, TrainSettings, bounded, range_errors
 from protocol.net import is_loopback, split_listen
 from protocol.task import Task, TaskError, is_safe_name
 
@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 class RayConfig:
     address: str | None = None  # None: start a local Ray (with dashboard); "auto" or "ray://head:10001"
     dashboard_host: str = "127.0.0.1"  # local Ray only; keep the dashboard off the network by default
-    dashboard_port: int = 8265
+    dashboard_port: int = bounded(8265, 1, 65_535)
 
 
 @dataclass(frozen=True)
@@ -51,25 +51,35 @@ class OwnerEntry:
 
 
 @dataclass(frozen=True)
+class SharedKey:
+    """A key id that several owners may upload under (one key, several sites of one organisation).
+    Without an entry, a key id belongs to the first owner that uploaded under it."""
+
+    key_id: str
+    owners: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class IngestConfig:
     listen: str = "127.0.0.1:50051"
     store: Path = Path("./store")  # relative paths are relative to the config file
     tls: TlsConfig | None = None
     owners: tuple[OwnerEntry, ...] = ()
     insecure_loopback: bool = False  # allow auth without TLS, only when listening on loopback
-    max_shard_bytes: int = 1 << 30  # refuse larger shards (bytes)
+    max_shard_bytes: int = bounded(1 << 30, 1 << 10, 1 << 40)  # refuse larger shards (bytes)
+    shared_keys: tuple[SharedKey, ...] = ()  # key ids that several named owners may upload under
 
 
 @dataclass(frozen=True)
 class TrainingConfig(TrainSettings):
     """``training:``: the ML core's settings (``mlcore/settings.py``) plus how the cloud runs them."""
 
-    workers: int = 1  # Ray Train workers
-    cpus_per_worker: int = 0  # 0: all CPUs of the machine divided among the workers
+    workers: int = bounded(1, 1, 4096)  # Ray Train workers
+    cpus_per_worker: int = bounded(0, 0, 4096)  # 0: all CPUs of the machine divided among the workers
     use_gpu: bool = False
-    max_failures: int = 2  # Ray Train restarts from the last checkpoint this many times
+    max_failures: int = bounded(2, 0, 1000)  # Ray Train restarts from the last checkpoint this many times
     start_when: tuple[str, ...] = ()  # owners whose train and test uploads start training
-    wait_timeout_s: int = 3600  # give up waiting for those uploads after this long
+    wait_timeout_s: int = bounded(3600, 1, 30 * 86400)  # give up waiting for those uploads after this long
 
 
 @dataclass(frozen=True)
@@ -82,10 +92,11 @@ class FederatedConfig:
     """training.strategy federated: owners train at home; the server only averages the trunk."""
 
     listen: str = "127.0.0.1:9092"  # the Flower SuperLink (owners' SuperNodes connect here)
-    local_epochs: int = 1  # epochs per round at each owner; rounds = training.epochs / local_epochs
-    min_owners: int = 2  # a round waits for this many connected owners (and goes on with them)
-    round_timeout_s: float = 1800.0  # give up on replies after this long per phase (a dead owner
-    # is noticed by Flower's heartbeat within about a minute anyway)
+    local_epochs: int = bounded(1, 1, 1000)  # epochs per round at each owner; rounds = training.epochs / local_epochs
+    min_owners: int = bounded(2, 1, 10_000)  # a round waits for this many connected owners (and goes on with them)
+    round_timeout_s: float = bounded(1800.0, 1.0, 7 * 86400)  # give up on replies after this long per phase
+    # (a dead owner is noticed by Flower's heartbeat within about a minute anyway)
+    secure_aggregation: bool = False  # Flower SecAgg+: the server sees only the sum of the owners' trunk updates
 
 
 @dataclass(frozen=True)
@@ -179,13 +190,41 @@ def _check_listen(value: str, where: str) -> None:
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def _check_ranges(obj: object, where: str = "") -> None:
+    """Every bounded number in the tree (``mlcore.settings.bounded``) inside its range."""
+    if isinstance(obj, tuple):
+        for i, item in enumerate(obj):
+            _check_ranges(item, f"{where[:-1]}[{i}].")
+        return
+    if not dataclasses.is_dataclass(obj):
+        return
+    errors = range_errors(obj, where)
+    if errors:
+        raise ConfigError(errors[0])
+    for f in dataclasses.fields(obj):
+        _check_ranges(getattr(obj, f.name), f"{where}{f.name}.")
+
+
+def _check_tls_listener(cfg: ClusterConfig, listen: str, where: str) -> None:
+    """Tokens travel on every listener: off loopback, only over TLS."""
+    if cfg.ingest.tls is None and not (cfg.ingest.insecure_loopback and is_loopback(listen)):
+        raise ConfigError(f"{where}: {listen} would take owners' tokens in clear text; configure ingest.tls, "
+                          "or listen on loopback and set ingest.insecure_loopback: true")
+
+
 def _validate(cfg: ClusterConfig) -> None:
+    _check_ranges(cfg)
     if not is_safe_name(cfg.name):  # the same rule owners check the run name against (it names folders)
         raise ConfigError(f"name: {cfg.name!r} must be 1-64 letters, digits, '.', '_' or '-'")
     if len(cfg.task.classes) < 2:
         raise ConfigError("task.classes: need at least two distinct class names")
     _validate_ingest(cfg.ingest)
     _check_listen(cfg.serve.listen, "serve.listen")
+    if cfg.ingest.owners:
+        _check_tls_listener(cfg, cfg.serve.listen, "serve.listen")
+    if cfg.ray.address is None and not is_loopback(f"{cfg.ray.dashboard_host}:0"):
+        raise ConfigError(f"ray.dashboard_host: {cfg.ray.dashboard_host} would open the Ray dashboard, which has no "
+                          "login and can run jobs, to the network; keep 127.0.0.1 and reach it through an SSH tunnel")
     _validate_training(cfg.training, cfg.task, cfg.ingest)
     _validate_federated(cfg)
 
@@ -208,6 +247,21 @@ def _validate_ingest(ing: IngestConfig) -> None:
             "ingest.tls: tokens would travel in clear text; configure tls, or listen on loopback "
             "and set ingest.insecure_loopback: true"
         )
+    _validate_shared_keys(ing.shared_keys, set(ids))
+
+
+def _validate_shared_keys(shared: tuple[SharedKey, ...], owners: set[str]) -> None:
+    for i, entry in enumerate(shared):
+        if not is_safe_name(entry.key_id):
+            raise ConfigError(f"ingest.shared_keys[{i}].key_id: {entry.key_id!r} is not a key id")
+        unknown = sorted(set(entry.owners) - owners)
+        if unknown:
+            raise ConfigError(f"ingest.shared_keys[{i}].owners: {', '.join(unknown)} not in ingest.owners")
+        if len(set(entry.owners)) < 2:
+            raise ConfigError(f"ingest.shared_keys[{i}].owners: a shared key names at least two owners")
+    key_ids = [e.key_id for e in shared]
+    if len(set(key_ids)) != len(key_ids):
+        raise ConfigError("ingest.shared_keys: a key id is listed twice")
 
 
 def _validate_training(tr: TrainingConfig, task: Task, ing: IngestConfig) -> None:
@@ -217,25 +271,33 @@ def _validate_training(tr: TrainingConfig, task: Task, ing: IngestConfig) -> Non
         raise ConfigError(f"training.strategy: {tr.strategy!r} needs encrypted data (task.scheme color or gray)")
     if (tr.strategy == "plain") != (not task.encrypted):
         raise ConfigError("training.strategy: 'plain' goes with task.scheme 'plain' and only with it")
-    for name in ("epochs", "batch_size", "workers"):
-        if getattr(tr, name) < 1:
-            raise ConfigError(f"training.{name}: must be at least 1")
     if tr.precision not in PRECISIONS:
         raise ConfigError(f"training.precision: {tr.precision!r} is not one of {', '.join(PRECISIONS)}")
-    if tr.adapter_lr_scale <= 0:
-        raise ConfigError("training.adapter_lr_scale: must be positive")
-    if not 0 <= tr.cutmix_prob <= 1 or tr.mixup_alpha < 0:
-        raise ConfigError("training.cutmix_prob must be in [0, 1] and training.mixup_alpha >= 0")
+    _check_model(tr, task)
     missing = [o for o in tr.start_when if o not in {o.id for o in ing.owners}]
     if missing:
         raise ConfigError(f"training.start_when: {', '.join(missing)} not in ingest.owners")
 
 
+def _check_model(tr: TrainingConfig, task: Task) -> None:
+    """Build the network once, on the meta device (no memory, no weights): a typo in the model name or a
+    patch that does not fit the block grid is found by ``orchestrator check``, not after every upload."""
+    import torch  # heavy, and only the validation of a training section needs it
+
+    from models import ModelConfigError, build_model  # heavy (timm), see above
+
+    shape = task.model_input
+    try:
+        with torch.device("meta"):
+            build_model(tr.model, len(task.classes), shape.shape, shape.in_chans,
+                        task.block_size if task.encrypted else None)
+    except ModelConfigError as exc:
+        raise ConfigError(f"training.model: {exc}") from None
+
+
 def _validate_federated(cfg: ClusterConfig) -> None:
     fed, tr = cfg.federated, cfg.training
     _check_listen(fed.listen, "federated.listen")
-    if fed.local_epochs < 1 or fed.min_owners < 1 or fed.round_timeout_s <= 0:
-        raise ConfigError("federated.local_epochs and federated.min_owners must be >= 1, round_timeout_s > 0")
     if tr.strategy != "federated":
         return
     if tr.epochs % fed.local_epochs:
