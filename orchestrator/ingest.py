@@ -16,6 +16,7 @@ from orchestrator import rpc
 from orchestrator.auth import TokenAuth
 from orchestrator.config import ClusterConfig, ConfigError
 from orchestrator.errors import Refused
+from orchestrator.keypolicy import KeyPolicy
 from orchestrator.store import DatasetState, ShardProgress, ShardStore
 from protocol.net import MAX_MESSAGE_BYTES, is_loopback
 from protocol.proto import ingest_pb2 as pb
@@ -122,7 +123,7 @@ def start_ingest(cfg: ClusterConfig, listen: str | None = None, workers: int = 8
         raise ConfigError("ingest.owners: no owner may upload; add at least one {id, token_sha256}")
     if ing.tls is None and not (ing.insecure_loopback and is_loopback(listen)):
         raise ConfigError("ingest.tls: refusing to accept tokens without TLS off loopback")
-    store = ShardStore(Path(ing.store) / cfg.name, cfg.task, ing.max_shard_bytes)
+    store = ShardStore(Path(ing.store) / cfg.name, cfg.task, ing.max_shard_bytes, KeyPolicy.from_config(cfg))
     handler = _log_to_store(store.root)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.errors import Busy, DataCorrupted, InvalidRequest, NotFound, StorageUnavailable, WrongState
+from orchestrator.keypolicy import KeyPolicy
 from protocol.shards import Manifest, ManifestError, inspect_shard
 from protocol.task import Task
 
@@ -77,9 +78,11 @@ def catalog_errors():
 
 
 class ShardStore:
-    def __init__(self, root: Path, task: Task, max_shard_bytes: int = 1 << 30) -> None:
+    def __init__(self, root: Path, task: Task, max_shard_bytes: int = 1 << 30,
+                 key_policy: KeyPolicy | None = None) -> None:
         self.root = Path(root)
         self.task = task
+        self.key_policy = key_policy or KeyPolicy()  # who may upload under which key id
         self.max_shard_bytes = max_shard_bytes
         for sub in ("objects", "incoming"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
@@ -144,14 +147,7 @@ class ShardStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 if manifest.key_id is not None:
-                    known = [r[0] for r in db.execute("SELECT key_id FROM key_domains WHERE owner = ?", (owner,))]
-                    if known and manifest.key_id not in known and not new_key_domain:
-                        raise WrongState(
-                            f"owner {owner} uploaded before with key id {', '.join(known)}; this data has key id "
-                            f"{manifest.key_id}. A model trained on one cannot classify the other. If you meant "
-                            "to start a new key domain, rerun with --new-key-domain")
-                    db.execute("INSERT OR IGNORE INTO key_domains VALUES (?, ?, ?)",
-                               (owner, manifest.key_id, time.time()))
+                    self._register_key(owner, manifest, new_key_domain)
                 exists = db.execute("SELECT 1 FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
                 if not exists:
                     db.execute("INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
@@ -165,6 +161,21 @@ class ShardStore:
                     db.execute("ROLLBACK")
                 raise
         return self.dataset_state(owner, dataset_id)
+
+    def _register_key(self, owner: str, manifest: Manifest, new_key_domain: bool) -> None:
+        """Inside open_dataset's transaction: may ``owner`` upload under the manifest's key id?"""
+        db, key_id = self._db, manifest.key_id
+        known = [r[0] for r in db.execute("SELECT key_id FROM key_domains WHERE owner = ?", (owner,))]
+        if known and key_id not in known and not new_key_domain:
+            raise WrongState(
+                f"owner {owner} uploaded before with key id {', '.join(known)}; this data has key id "
+                f"{key_id}. A model trained on one cannot classify the other. If you meant "
+                "to start a new key domain, rerun with --new-key-domain")
+        holders = {r[0] for r in db.execute("SELECT owner FROM key_domains WHERE key_id = ?", (key_id,))}
+        train_keys = {r[0] for r in db.execute(
+            "SELECT DISTINCT key_id FROM datasets WHERE split = 'train' AND key_id IS NOT NULL")}
+        self.key_policy.check(owner, key_id, manifest.split, holders, train_keys)
+        db.execute("INSERT OR IGNORE INTO key_domains VALUES (?, ?, ?)", (owner, key_id, time.time()))
 
     def dataset_state(self, owner: str, dataset_id: str) -> DatasetState:
         row = self._query("SELECT owner, split, key_id, committed, images FROM datasets WHERE id = ?", (dataset_id,))
