@@ -29,8 +29,68 @@ MANIFEST_VERSION = 1
 SAMPLE_ID_HEX_CHARS = 32
 
 
+MAX_MANIFEST_BYTES = 16 << 20  # about 80,000 shards; far above any real dataset's manifest
+MAX_COUNT = 1 << 40  # bytes or images of one shard or dataset: anything larger is a lie
+MAX_LIST = 100_000  # classes or shards in one manifest
+
+
 class ManifestError(ValueError):
     """A manifest or shard folder is malformed or does not match its files; the message names it."""
+
+
+# The JSON type of every manifest field (and of every shard entry's): checked before anything reads a
+# value, so that no input, however malformed, reaches code that assumes a type.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "key_id": (str, type(None)), "scheme": (str,), "image_size": (int,), "block_size": (int, type(None)),
+    "codec": (dict,), "classes": (list,), "split": (str,), "count": (int,), "class_counts": (list,),
+    "shards": (list,), "producer": (str,), "format": (str,), "version": (int,),
+}
+_SHARD_TYPES: dict[str, tuple[type, ...]] = {"name": (str,), "sha256": (str,), "bytes": (int,), "count": (int,)}
+_CODEC_TYPES: dict[str, tuple[type, ...]] = {"format": (str,), "quality": (int,), "chroma": (str,)}
+
+
+def _check_fields(obj: object, types: dict[str, tuple[type, ...]], where: str, required: bool) -> None:
+    """``obj`` is a JSON object with only known fields (all of them when ``required``), each of its
+    type; integers are not booleans and lie in [0, MAX_COUNT]."""
+    if not isinstance(obj, dict):
+        raise ManifestError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    unknown = sorted(map(str, set(obj) - set(types)))
+    if unknown:
+        raise ManifestError(f"{where}: unknown field(s) {', '.join(unknown)[:200]}")
+    missing = sorted(set(types) - set(obj)) if required else []
+    if missing:
+        raise ManifestError(f"{where}: missing field(s) {', '.join(missing)}")
+    for name, value in obj.items():
+        allowed = types[name]
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            expected = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ManifestError(f"{where}: {name}: expected {expected}, got {type(value).__name__}")
+        _check_int(value, f"{where}: {name}")
+
+
+def _check_int(value: object, where: str) -> None:
+    if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= MAX_COUNT:
+        raise ManifestError(f"{where}: {value if abs(value) < 10**20 else 'a huge number'} is outside [0, {MAX_COUNT}]")
+
+
+def _check_list(items: list, item_type: type, where: str) -> None:
+    if len(items) > MAX_LIST:
+        raise ManifestError(f"{where}: {len(items)} entries, more than {MAX_LIST}")
+    for i, item in enumerate(items):
+        if isinstance(item, bool) or not isinstance(item, item_type):
+            raise ManifestError(f"{where}[{i}]: expected {item_type.__name__}, got {type(item).__name__}")
+        _check_int(item, f"{where}[{i}]")
+
+
+def _check_document(doc: object, where: str) -> None:
+    """The manifest's JSON shape, field by field, before any value is used."""
+    _check_fields(doc, _FIELD_TYPES, where, required=False)
+    _check_fields(doc.get("codec", {}), _CODEC_TYPES, f"{where}: codec", required=False)
+    _check_list(doc.get("classes", []), str, f"{where}: classes")
+    _check_list(doc.get("class_counts", []), int, f"{where}: class_counts")
+    _check_list(doc.get("shards", []), dict, f"{where}: shards")
+    for i, shard in enumerate(doc.get("shards", [])):
+        _check_fields(shard, _SHARD_TYPES, f"{where}: shards[{i}]", required=True)
 
 
 def sample_id(encoded: bytes) -> str:
@@ -78,19 +138,21 @@ class Manifest:
         The cloud parses owners' manifests with this too, so it checks what it trusts: types,
         shard names, hashes and counts that add up.
         """
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{where}: {len(data)} bytes, more than the {MAX_MANIFEST_BYTES}-byte limit")
         try:
             doc = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ManifestError(f"{where} is not valid JSON: {exc}") from None
+        except RecursionError:  # "[[[[...": nesting deeper than the parser's stack
+            raise ManifestError(f"{where}: JSON nested too deeply") from None
         if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or doc.get("version") != MANIFEST_VERSION:
             raise ManifestError(f"{where}: unsupported manifest format/version")
-        unknown = sorted(set(doc) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ManifestError(f"{where}: unknown field(s) {', '.join(unknown)}")
+        _check_document(doc, where)
         try:
             shards = [ShardInfo(**s) for s in doc.get("shards", [])]
             manifest = cls(**{**doc, "shards": shards})
-        except TypeError as exc:
+        except TypeError as exc:  # a required field is missing
             raise ManifestError(f"{where}: malformed ({exc})") from None
         manifest._check(where)
         return manifest
