@@ -85,6 +85,9 @@ class TrainingConfig(TrainSettings):
 @dataclass(frozen=True)
 class ServeConfig:
     listen: str = "127.0.0.1:50052"
+    max_concurrent_requests: int = bounded(4, 1, 256)  # more at once are refused (RESOURCE_EXHAUSTED): each
+    # holds a decoded batch and a forward pass in memory
+    max_images_per_request: int = bounded(256, 1, 4096)  # fewer for large images: see serve.images_per_request
 
 
 @dataclass(frozen=True)

@@ -20,19 +20,34 @@ from mlcore.loop import predict_logits
 from mlcore.settings import TrainSettings
 from orchestrator import rpc
 from orchestrator.auth import TokenAuth
-from orchestrator.config import ClusterConfig, ConfigError
+from orchestrator.config import ClusterConfig, ConfigError, ServeConfig
 from orchestrator.errors import InvalidRequest, ModelNotTrainedForKey, NotYourKey, Refused
-from protocol.codec import CodecError, check_encoded, decode
+from protocol.codec import CodecError, check_encoded
 from protocol.net import is_loopback
 from protocol.proto import ingest_pb2 as pb
 from protocol.proto import ingest_pb2_grpc as pb_grpc
 
 log = logging.getLogger("orchestrator.serve")
-MAX_IMAGES_PER_REQUEST = 256
+MAX_PIXELS_PER_REQUEST = 1 << 24  # 16 M pixels (64 1024x1024 images): bounds a request's decoded memory
+MAX_REQUEST_BYTES = 4 << 20  # gRPC's own default, stated: a larger request is refused before it is read
+
+
+def max_image_bytes(task) -> int:
+    """No encoded image of the task is larger: its raw pixels twice over, plus headers. Anything larger
+    is refused before Pillow sees it."""
+    rows, cols = task.model_input.shape
+    return 2 * rows * cols * task.model_input.in_chans + 4096
+
+
+def images_per_request(task, limits: ServeConfig) -> int:
+    """The configured maximum, lowered for large images so a request never decodes more than
+    MAX_PIXELS_PER_REQUEST pixels."""
+    rows, cols = task.model_input.shape
+    return max(1, min(limits.max_images_per_request, MAX_PIXELS_PER_REQUEST // (rows * cols)))
 
 
 class Predictor:
-    def __init__(self, checkpoint: Path) -> None:
+    def __init__(self, checkpoint: Path, limits: ServeConfig | None = None) -> None:
         data = load_checkpoint(checkpoint)
         self.checkpoint = Path(checkpoint)
         self.model = model_from_checkpoint(data)
@@ -42,13 +57,15 @@ class Predictor:
         self.model_name: str = data["model"]
         self.strategy: str = data["strategy"]
         self.settings = TrainSettings.from_dict(data["training"])
+        self.max_images = images_per_request(self.task, limits or ServeConfig())
+        self.max_image_bytes = max_image_bytes(self.task)
 
     def predict(self, encoded: list[bytes], key_id: str | None) -> np.ndarray:
         """Probabilities (N, classes) for encoded images encrypted under ``key_id``."""
         if not encoded:
             raise InvalidRequest("no images in the request")
-        if len(encoded) > MAX_IMAGES_PER_REQUEST:
-            raise InvalidRequest(f"at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(encoded)}")
+        if len(encoded) > self.max_images:
+            raise InvalidRequest(f"at most {self.max_images} images per request, got {len(encoded)}")
         if self.task.encrypted and key_id not in self.key_ids:
             raise ModelNotTrainedForKey(f"this model was not trained on key id {key_id or '(none)'}; it knows "
                                         f"{', '.join(self.key_ids)}: its answers for other keys would be noise")
@@ -63,11 +80,13 @@ class Predictor:
         expected = shape.shape + ((3,) if shape.in_chans == 3 else ())
         arrays = []
         for i, data in enumerate(encoded):
+            if len(data) > self.max_image_bytes:
+                raise InvalidRequest(f"image {i}: {len(data)} bytes; no {self.task.format} image of this task is "
+                                     f"larger than {self.max_image_bytes}")
             try:  # format, size and mode from the header before any pixel is decoded
-                check_encoded(data, self.task.format, shape.shape, shape.in_chans)
+                arr = check_encoded(data, self.task.format, shape.shape, shape.in_chans)
             except CodecError as exc:
                 raise InvalidRequest(f"image {i}: {exc}") from None
-            arr = decode(data)
             if arr.shape != expected:
                 raise InvalidRequest(f"image {i}: shape {arr.shape}, the model expects {expected}")
             arrays.append(arr)
@@ -107,6 +126,7 @@ class PredictorServicer(pb_grpc.PredictorServicer):
 class PredictionService:
     server: grpc.Server
     port: int
+    servicer: PredictorServicer
 
     def stop(self, grace: float | None = None) -> None:
         self.server.stop(grace).wait()
@@ -116,13 +136,17 @@ def start_serving(cfg: ClusterConfig, checkpoint: Path, owner_key_ids, listen: s
     listen = listen or cfg.serve.listen
     if cfg.ingest.tls is None and not (cfg.ingest.insecure_loopback and is_loopback(listen)):
         raise ConfigError("serve.listen: refusing to accept tokens without TLS off loopback")
-    predictor = Predictor(checkpoint)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_PredictorServicer_to_server(
-        PredictorServicer(predictor, cfg.name, TokenAuth({o.id: o.token_sha256 for o in cfg.ingest.owners}),
-                          owner_key_ids), server)
+    predictor = Predictor(checkpoint, cfg.serve)
+    # gRPC refuses (RESOURCE_EXHAUSTED) a request over the limit before reading it, and any request beyond
+    # max_concurrent_requests at once: memory is bounded by limits x the largest batch.
+    concurrent = cfg.serve.max_concurrent_requests
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=concurrent), maximum_concurrent_rpcs=concurrent,
+                         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
+    servicer = PredictorServicer(predictor, cfg.name, TokenAuth({o.id: o.token_sha256 for o in cfg.ingest.owners}),
+                                 owner_key_ids)
+    pb_grpc.add_PredictorServicer_to_server(servicer, server)
     port = rpc.bind(server, listen, cfg.ingest.tls, "serve.listen")
     server.start()
     log.info("prediction service on %s:%d (model %s, checkpoint %s)", listen.rpartition(":")[0], port,
              predictor.model_name, checkpoint)
-    return PredictionService(server, port)
+    return PredictionService(server, port, servicer)

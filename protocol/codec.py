@@ -53,10 +53,11 @@ class Codec:
 PIL_FORMAT = {"jpeg": "JPEG", "png": "PNG"}  # our codec name -> what Pillow reports
 
 
-def check_encoded(data: bytes, format: str, shape: tuple[int, int], channels: int) -> None:
+def check_encoded(data: bytes, format: str, shape: tuple[int, int], channels: int) -> np.ndarray:
     """Refuse bytes that are not one image of the task's codec, size and mode, then decode them
-    fully once: the header is read first, so an oversized image (a decompression bomb) is refused
-    before a single pixel is decoded. Raises CodecError saying what is wrong."""
+    fully once and return the pixels (as ``decode``): the header is read first, so an oversized
+    image (a decompression bomb) is refused before a single pixel is decoded. Raises CodecError
+    saying what is wrong."""
     mode = "RGB" if channels == 3 else "L"
     try:
         with Image.open(io.BytesIO(data), formats=[PIL_FORMAT[format]]) as img:
@@ -64,6 +65,7 @@ def check_encoded(data: bytes, format: str, shape: tuple[int, int], channels: in
                 raise CodecError(f"a {img.width}x{img.height} {img.mode} image; the task's images are "
                                  f"{shape[1]}x{shape[0]} {mode}")
             img.load()
+            return np.asarray(img)
     except CodecError:
         raise
     except Image.DecompressionBombError:
