@@ -106,7 +106,8 @@ class PredictorServicer(pb_grpc.PredictorServicer):
         p = self.predictor
         mine = self.owner_key_ids(owner)
         return pb.ModelInfo(task=p.task.to_pb(pb, self.run_name, owner), model=p.model_name, strategy=p.strategy,
-                            key_ids=[k for k in p.key_ids if k in mine], owner_id=owner)
+                            key_ids=[k for k in p.key_ids if k in mine], owner_id=owner,
+                            max_images_per_request=p.max_images, max_request_bytes=MAX_REQUEST_BYTES - (64 << 10))
 
     def Predict(self, request, context):
         owner = self.auth.owner(context)

@@ -110,24 +110,30 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from owners.predict import predict_federated, predict_images
+    from owners.predict import predict_federated, predict_images, write_results
 
     key = _key_or_plain(args, create=False, what="a plain model")
     if bool(args.federated) == bool(args.server) or (args.federated and key is None):
         raise SystemExit("owner-agent predict: give --server HOST:PORT (the cloud's model), or --federated "
                          "STATE_DIR with your --key (a federated model, here)")
+    if args.output and Path(args.output).suffix.lower() not in (".csv", ".json"):
+        raise SystemExit(f"owner-agent predict: --output {args.output}: give a .csv or .json file name")
+    progress = False if args.no_progress else None
     if args.federated:
-        results = predict_federated(key, [Path(p) for p in args.images], Path(args.federated), top=args.top)
+        results = predict_federated(key, [Path(p) for p in args.images], Path(args.federated), top=args.top,
+                                    progress=progress)
     else:
         results = predict_images(key, [Path(p) for p in args.images], _connection(args), top=args.top,
-                                 allow_weak_geometry=args.allow_weak_geometry, log=_log)
-    failed = 0
-    for result in results:
-        if result.error:
-            failed += 1
-            print(f"{result.path}\terror: {result.error}")
-        else:
-            print(f"{result.path}\t" + "  ".join(f"{name} {p:.3f}" for name, p in result.top))
+                                 allow_weak_geometry=args.allow_weak_geometry, log=_log, progress=progress)
+    if args.output:
+        write_results(results, Path(args.output))
+    else:
+        for result in results:
+            print(f"{result.path}\terror: {result.error}" if result.error else
+                  f"{result.path}\t" + "  ".join(f"{name} {p:.3f}" for name, p in result.top))
+    failed = sum(1 for r in results if r.error)
+    _log(f"predicted {len(results) - failed} image(s), {failed} refused"
+         + (f"; results in {args.output}" if args.output else ""))
     return 1 if failed else 0
 
 
@@ -286,7 +292,9 @@ def _add_predict(sub) -> None:
                    help="predict here with a federated model: the folder `owner-agent federate` named when "
                         "it joined (final trunk + your adapter); nothing is sent anywhere")
     p.add_argument("--top", type=int, default=3, help="classes to print per image (default 3)")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--output", metavar="FILE", help="write the results to FILE (.csv or .json) instead of stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively), any number")
     _add_weak_geometry(p)
     p.set_defaults(func=cmd_predict)
 

@@ -109,18 +109,22 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("task", "model", "strategy", "key_ids", "owner_id")
+    __slots__ = ("task", "model", "strategy", "key_ids", "owner_id", "max_images_per_request", "max_request_bytes")
     TASK_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     KEY_IDS_FIELD_NUMBER: _ClassVar[int]
     OWNER_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     task: Task
     model: str
     strategy: str
     key_ids: _containers.RepeatedScalarFieldContainer[str]
     owner_id: str
-    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., key_ids: _Optional[_Iterable[str]] = ..., owner_id: _Optional[str] = ...) -> None: ...
+    max_images_per_request: int
+    max_request_bytes: int
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., key_ids: _Optional[_Iterable[str]] = ..., owner_id: _Optional[str] = ..., max_images_per_request: _Optional[int] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
     __slots__ = ("images", "key_id")
