@@ -68,6 +68,24 @@ class IngestConfig:
     insecure_loopback: bool = False  # allow auth without TLS, only when listening on loopback
     max_shard_bytes: int = bounded(1 << 30, 1 << 10, 1 << 40)  # refuse larger shards (bytes)
     shared_keys: tuple[SharedKey, ...] = ()  # key ids that several named owners may upload under
+    # Resource limits: one owner, or one stalled client, must not block ingest for the others.
+    max_streams_per_owner: int = bounded(4, 1, 1024)  # upload streams one owner may hold at once; more are
+    # refused at once (retryable). The agent opens 2; 4 lets a rerun take over from a stalled run's 2
+    stream_idle_timeout_s: float = bounded(60.0, 0.1, 3600.0)  # seconds an upload stream may send nothing
+    # before it is ended and its shard freed; a live agent sends a 1 MiB chunk every few seconds even at
+    # 256 KiB/s, a stalled one (suspended, SIGSTOP, dead link) holds a slot no longer than this
+    workers: int = bounded(0, 0, 4096)  # threads serving calls; 0: owners x max_streams_per_owner + 32, so
+    # the limits, not the thread pool, decide who waits (calls beyond the pool are refused, never queued)
+    max_connections: int = bounded(4096, 16, 1_000_000)  # TCP connections held at once (file descriptors);
+    # beyond, new ones are closed at once. Keep it under the hard open-file limit (ulimit -Hn)
+    handshake_timeout_s: float = bounded(10.0, 1.0, 300.0)  # seconds a new connection has to finish its
+    # TLS/HTTP/2 handshake; silent sockets are closed after this (gRPC's default is 120 s)
+    connection_idle_s: float = bounded(600.0, 1.0, 7 * 86400)  # seconds a connection with no call open is
+    # kept; agents reconnect by themselves
+    owner_quota_bytes: int = bounded(1 << 40, 1 << 10, 1 << 60)  # bytes one owner may hold: its stored
+    # shards plus its partial uploads (1 TiB: a large hospital archive); beyond, RESOURCE_EXHAUSTED
+    partial_expiry_s: float = bounded(7 * 86400, 1.0, 365 * 86400)  # seconds a partial upload may sit
+    # untouched before it is deleted (a week: an agent stopped on Friday resumes on Monday)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,19 @@ class StorageUnavailable(Refused):
     """The server could not write (disk full, I/O error); what was verified before is kept."""
 
 
+class StorageFull(StorageUnavailable):
+    """The server's disk (or its quota on the disk) is full: nothing more can be written until the
+    operator frees space; what was verified before is kept. Retrying soon will not help."""
+
+
+class QuotaExceeded(Refused):
+    """The owner's stored and partially uploaded bytes would pass its quota; nothing was stored."""
+
+
+class TooManyStreams(Busy):
+    """The owner already holds as many upload streams as it may; retry when one of them ends."""
+
+
 class NotYourKey(Refused):
     """The caller asked about a key id it never uploaded under: another owner's key is not its to use."""
 

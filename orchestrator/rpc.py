@@ -9,10 +9,17 @@ from orchestrator.errors import (
     InvalidRequest,
     NotFound,
     NotYourKey,
+    QuotaExceeded,
     Refused,
+    StorageFull,
     StorageUnavailable,
+    TooManyStreams,
     WrongState,
 )
+
+# The owner's agent acts on the code alone (owners/upload.py): RESOURCE_EXHAUSTED means "no room for
+# you until a person acts" (quota, full disk) and is never retried; ABORTED and UNAVAILABLE are
+# passing conditions it retries with backoff, such as its own earlier streams still holding a slot.
 
 STATUS_BY_ERROR: dict[type[Refused], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
@@ -21,6 +28,9 @@ STATUS_BY_ERROR: dict[type[Refused], grpc.StatusCode] = {
     DataCorrupted: grpc.StatusCode.DATA_LOSS,
     Busy: grpc.StatusCode.ABORTED,
     StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
+    StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    TooManyStreams: grpc.StatusCode.ABORTED,  # one of the owner's streams ends soon (done, idle or superseded)
     NotYourKey: grpc.StatusCode.PERMISSION_DENIED,
 }
 

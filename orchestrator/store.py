@@ -14,6 +14,7 @@ transport-independent; the gRPC servicer only translates.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -22,10 +23,20 @@ import sqlite3
 import threading
 import time
 import zlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.errors import Busy, DataCorrupted, InvalidRequest, NotFound, StorageUnavailable, WrongState
+from orchestrator.errors import (
+    Busy,
+    DataCorrupted,
+    InvalidRequest,
+    NotFound,
+    QuotaExceeded,
+    StorageFull,
+    StorageUnavailable,
+    WrongState,
+)
 from orchestrator.keypolicy import KeyPolicy
 from protocol.shards import Manifest, ManifestError, inspect_shard
 from protocol.task import Task
@@ -68,30 +79,90 @@ class DatasetState:
 
 @contextlib.contextmanager
 def catalog_errors():
-    """The catalog could not be read or written (disk full, I/O error, locked too long): the owner
-    is told so, with SQLite's words, as a retryable refusal; nothing half-written stays behind."""
+    """The catalog could not be read or written: a full disk (SQLite's own error code, SQLITE_FULL)
+    is StorageFull, which waits for the operator; anything else (I/O error, locked too long) a
+    retryable StorageUnavailable. Both carry SQLite's words; nothing half-written stays behind."""
     try:
         yield
     except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            raise StorageFull(f"the server's disk is full: its catalog cannot grow ({exc}); nothing was recorded. "
+                              "The cloud's operator must free space") from None
         raise StorageUnavailable(f"the server's catalog is unavailable ({exc}); nothing was recorded, try "
                                  "again later") from None
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, or the server's own disk quota reached
+
+
+def write_error(exc: OSError, what: str) -> StorageUnavailable:
+    """The refusal for an OSError while writing ``what``: by errno, never by its words."""
+    if exc.errno in DISK_FULL:
+        return StorageFull(f"the server's disk is full ({exc.strerror}) while writing {what}; what was verified "
+                           "before is kept. The cloud's operator must free space")
+    return StorageUnavailable(f"the server could not write {what}: {exc.strerror}")
+
+
+TAKE_OVER_WAIT_S = 30.0  # a newer stream waits this long for the older one to let go (it may be verifying)
+
+
+def hash_file(path: Path):
+    """sha256 state of a whole file, read in 1 MiB blocks (about 0.7 CPU-s per GiB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+@dataclass(frozen=True)
+class _PartialDigest:
+    held: int  # bytes of the partial file the digest covers
+    identity: tuple[int, int, int] | None  # the file's (size, mtime, inode) then
+    digest: object  # hashlib sha256 state
+
+
+@dataclass(eq=False)
+class _UploadHolder:
+    """The stream that holds one (owner, shard): ``stop`` asks it to end (a newer stream takes over)."""
+
+    size: int  # the shard's full size: what an open stream counts against its owner's quota
+    stop: Callable[[], None] = field(default=lambda: None)
+
+
 class ShardStore:
     def __init__(self, root: Path, task: Task, max_shard_bytes: int = 1 << 30,
-                 key_policy: KeyPolicy | None = None) -> None:
+                 key_policy: KeyPolicy | None = None, owner_quota_bytes: int | None = None,
+                 partial_expiry_s: float | None = None) -> None:
+        """``owner_quota_bytes``: what one owner may hold (objects + partial uploads), None: no quota;
+        ``partial_expiry_s``: partial uploads untouched this long are deleted whenever
+        :meth:`expire_partials` runs (the ingest service: at start, then periodically), None: kept
+        forever. The ingest service passes the config's."""
         self.root = Path(root)
         self.task = task
         self.key_policy = key_policy or KeyPolicy()  # who may upload under which key id
         self.max_shard_bytes = max_shard_bytes
+        self.owner_quota_bytes = owner_quota_bytes
+        self.partial_expiry_s = partial_expiry_s
         for sub in ("objects", "incoming"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._db_lock = threading.Lock()
         self._db = sqlite3.connect(self.root / "catalog.sqlite", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
-        self._uploads_lock = threading.Lock()
-        self._uploads_in_progress: set[tuple[str, str]] = set()
+        self._uploads_changed = threading.Condition()  # guards the two below; notified when a stream lets go
+        self._uploads_in_progress: dict[tuple[str, str], _UploadHolder] = {}
+        # (owner, sha256) -> the sha256 state of a partial file's bytes and the file's identity when the
+        # last stream ended: a resume continues hashing instead of reading the file again
+        self._partial_digests: dict[tuple[str, str], _PartialDigest] = {}
 
     def close(self) -> None:
         with self._db_lock:
@@ -202,37 +273,122 @@ class ShardStore:
 
     # ------------------------------------------------------------------ shard uploads
 
-    def begin_upload(self, owner: str, dataset_id: str, sha256: str, offset: int) -> ShardUpload:
+    def begin_upload(self, owner: str, dataset_id: str, sha256: str, offset: int,
+                     stop: Callable[[], None] = lambda: None) -> ShardUpload:
+        """Start one stream of one shard. ``stop`` ends this stream from outside (the transport's
+        cancel): a newer stream of the same owner and shard calls it to take over (see _take_over).
+        Refused when the owner's quota has no room for the rest of the shard."""
         rows = self._query("SELECT d.owner, s.size, s.images FROM dataset_shards s JOIN datasets d "
                            "ON d.id = s.dataset_id WHERE s.dataset_id = ? AND s.sha256 = ?", (dataset_id, sha256))
         if not rows or rows[0][0] != owner:
             raise NotFound(f"shard {sha256[:12]}... is not part of dataset {dataset_id} of {owner}")
         size, images = rows[0][1], rows[0][2]
-        key = (owner, sha256)
-        with self._uploads_lock:
-            if key in self._uploads_in_progress:
-                raise Busy(f"another upload of shard {sha256[:12]}... is in progress")
-            self._uploads_in_progress.add(key)
+        key, holder = (owner, sha256), _UploadHolder(size, stop)
+        with self._uploads_changed:
+            self._take_over(key)
+            self._check_quota(owner, sha256, size)  # under the lock: the owner's streams count each other
+            self._uploads_in_progress[key] = holder
         try:
-            return ShardUpload(self, owner, sha256, size, offset, images)
+            return ShardUpload(self, owner, sha256, size, offset, images, holder)
         except BaseException:
-            self._end_upload(key)
+            self._end_upload(key, holder)
             raise
 
-    def _end_upload(self, key: tuple[str, str]) -> None:
-        with self._uploads_lock:
-            self._uploads_in_progress.discard(key)
+    def _take_over(self, key: tuple[str, str]) -> None:
+        """With the uploads lock held: end the stream that still holds this shard and wait until it
+        lets go. The newest stream wins because only the owner's token opens one, and the owner's
+        newest process is the live one: a stalled or killed agent's stream would otherwise block
+        its own rerun until a deadline (an hour for 1 GiB). What the old stream wrote is kept; its
+        agent, if alive, asks where to resume like after any interruption."""
+        holder = self._uploads_in_progress.get(key)
+        if holder is None:
+            return
+        holder.stop()
+        if not self._uploads_changed.wait_for(lambda: key not in self._uploads_in_progress, TAKE_OVER_WAIT_S):
+            raise Busy(f"another upload of shard {key[1][:12]}... is still being verified; retry in a minute")
+
+    def _end_upload(self, key: tuple[str, str], holder: _UploadHolder) -> None:
+        with self._uploads_changed:
+            if self._uploads_in_progress.get(key) is holder:  # not a newer stream's hold
+                del self._uploads_in_progress[key]
+                self._uploads_changed.notify_all()
 
     def _store_object(self, owner: str, partial: Path, sha256: str, size: int) -> None:
         target = self.object_path(sha256)
-        target.parent.mkdir(exist_ok=True)
-        if target.exists():  # the same bytes arrived from elsewhere: keep one copy
-            partial.unlink()
-        else:
-            os.chmod(partial, 0o444)
-            os.replace(partial, target)
+        try:
+            target.parent.mkdir(exist_ok=True)
+            if target.exists():  # the same bytes arrived from elsewhere: keep one copy
+                partial.unlink()
+            else:
+                os.chmod(partial, 0o444)
+                os.replace(partial, target)
+        except OSError as exc:
+            raise write_error(exc, f"shard {sha256[:12]}...") from None
         self._query("INSERT OR IGNORE INTO objects VALUES (?, ?, ?)", (sha256, size, time.time()))
         self._query("INSERT OR IGNORE INTO owner_objects VALUES (?, ?)", (owner, sha256))
+
+    # ------------------------------------------------------------------ limits on what an owner holds
+
+    def owner_usage(self, owner: str, counting: str | None = None) -> int:
+        """Bytes ``owner`` holds against its quota: its stored objects, its partial files, and every
+        open stream of it at its shard's full size (what it may still write), ``counting`` included
+        (a shard about to be streamed)."""
+        stored = self._query("SELECT COALESCE(SUM(o.size), 0) FROM owner_objects oo JOIN objects o "
+                             "ON o.sha256 = oo.sha256 WHERE oo.owner = ?", (owner,))[0][0]
+        with self._uploads_changed:  # re-entrant: begin_upload calls this with it held
+            streaming = {sha: h.size for (o, sha), h in self._uploads_in_progress.items() if o == owner}
+        total = stored + sum(streaming.values())
+        for part in (self.root / "incoming" / owner).glob("*.part"):
+            if part.stem not in streaming and part.stem != counting:
+                with contextlib.suppress(FileNotFoundError):
+                    total += part.stat().st_size
+        return total
+
+    def _check_quota(self, owner: str, sha256: str, size: int) -> None:
+        if self.owner_quota_bytes is None or self._is_stored(owner, sha256):
+            return
+        used = self.owner_usage(owner, counting=sha256)
+        if used + size > self.owner_quota_bytes:
+            raise QuotaExceeded(
+                f"owner {owner} holds {used:,} bytes; shard {sha256[:12]}... ({size:,} bytes) would pass its "
+                f"quota of {self.owner_quota_bytes:,} bytes (ingest.owner_quota_bytes); nothing was stored. "
+                "Ask the cloud's operator to raise the quota or remove data you no longer need")
+
+    def expire_partials(self) -> list[Path]:
+        """Delete partial uploads nobody has written to for ``partial_expiry_s`` (an agent that never
+        came back), the file's mtime being the last write; a shard with an open stream is kept. Runs
+        when the store opens and then periodically (the ingest service's sweeper). Returns what went."""
+        if self.partial_expiry_s is None:
+            return []
+        cutoff, removed = time.time() - self.partial_expiry_s, []
+        for part in sorted((self.root / "incoming").glob("*/*.part")):
+            key = (part.parent.name, part.stem)
+            with self._uploads_changed:  # no stream starts on this shard while it is judged
+                if key in self._uploads_in_progress:
+                    continue
+                try:
+                    if part.stat().st_mtime >= cutoff:
+                        continue
+                    part.unlink()
+                except FileNotFoundError:
+                    continue
+                self._partial_digests.pop(key, None)
+            removed.append(part)
+        return removed
+
+    def _resume_digest(self, owner: str, sha256: str, partial: Path, held: int):
+        """The sha256 state of the ``held`` bytes of a partial file: the one kept when its last stream
+        ended if the file is still that file (size, mtime, inode), else read once (after a restart)."""
+        with self._uploads_changed:
+            kept = self._partial_digests.pop((owner, sha256), None)
+        if kept is not None and kept.held == held and kept.identity == _file_identity(partial):
+            return kept.digest
+        return hash_file(partial)
+
+    def _keep_digest(self, owner: str, sha256: str, partial: Path, held: int, digest) -> None:
+        entry = _PartialDigest(held, _file_identity(partial), digest.copy())
+        with self._uploads_changed:
+            self._partial_digests[(owner, sha256)] = entry
 
     # ------------------------------------------------------------------ reading (cloud side only)
 
@@ -255,7 +411,7 @@ class _ChunkWriter(threading.Thread):
         super().__init__(daemon=True, name=f"write-{path.name[:12]}")
         self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
         self.file = open(path, "ab", buffering=0)  # noqa: SIM115 - open for the writer thread's lifetime, closed in close()
-        self.digest = digest
+        self.digest = digest  # of exactly the bytes written: updated only after a chunk is all on disk
         self.error: OSError | None = None
         self.start()
 
@@ -263,10 +419,16 @@ class _ChunkWriter(threading.Thread):
         while (data := self.queue.get()) is not None:
             if self.error is None:
                 try:
+                    self._write_all(data)
                     self.digest.update(data)
-                    self.file.write(data)
                 except OSError as exc:  # disk full, I/O error: reported to the uploader
                     self.error = exc
+
+    def _write_all(self, data: bytes) -> None:
+        """An unbuffered write may take only part of the chunk (a disk filling up): write the rest."""
+        view = memoryview(data)
+        while view:
+            view = view[self.file.write(view):]
 
     def put(self, data: bytes) -> None:
         self._raise()
@@ -279,19 +441,22 @@ class _ChunkWriter(threading.Thread):
         try:
             if sync and self.error is None:
                 os.fdatasync(self.file.fileno())
+        except OSError as exc:
+            self.error = exc
         finally:
             self.file.close()
         self._raise()
 
     def _raise(self) -> None:
         if self.error is not None:
-            raise StorageUnavailable(f"the server could not write the shard: {self.error.strerror}")
+            raise write_error(self.error, "the shard")
 
 
 class ShardUpload:
     """One upload stream of one shard: append verified chunks from the server's offset on."""
 
-    def __init__(self, store: ShardStore, owner: str, sha256: str, size: int, offset: int, images: int) -> None:
+    def __init__(self, store: ShardStore, owner: str, sha256: str, size: int, offset: int, images: int,
+                 holder: _UploadHolder) -> None:
         self.store, self.owner, self.sha256, self.size = store, owner, sha256, size
         self.images = images  # samples the owner's manifest declares for this shard
         self.partial = store._partial_path(owner, sha256)
@@ -301,12 +466,13 @@ class ShardUpload:
             raise WrongState(f"upload starts at byte {offset} but the server holds {held} "
                                                     f"bytes of this shard; resume from {held}")
         self.received = held
+        self._holder = holder
         self._writer: _ChunkWriter | None = None
-        self._digest = hashlib.sha256()  # of everything held, so finishing needs no second read
-        if held and not self.stored:
-            with open(self.partial, "rb") as f:
-                while block := f.read(1 << 20):
-                    self._digest.update(block)
+        self._write_failed = False  # then the digest may not match the file: never kept for a resume
+        self._ended = False
+        # of everything held, so finishing needs no second read and resuming (usually) no first one
+        held_partial = held and not self.stored
+        self._digest = store._resume_digest(owner, sha256, self.partial, held) if held_partial else hashlib.sha256()
 
     def write(self, data: bytes, data_crc32: int) -> None:
         if self.stored:
@@ -317,17 +483,18 @@ class ShardUpload:
             raise InvalidRequest(f"chunk at byte {self.received} runs past the shard's "
                                                  f"{self.size} bytes")
         if self._writer is None:
-            self.partial.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = _ChunkWriter(self.partial, self._digest)
+            try:
+                self.partial.parent.mkdir(parents=True, exist_ok=True)
+                self._writer = _ChunkWriter(self.partial, self._digest)
+            except OSError as exc:
+                raise write_error(exc, "the shard") from None
         self._writer.put(data)
         self.received += len(data)
 
     def finish(self) -> ShardProgress:
         """Close the stream; store the shard if it is complete and its sha256 matches."""
         try:
-            if self._writer is not None:
-                writer, self._writer = self._writer, None
-                writer.close(sync=True)
+            self._close_writer(sync=True)
             if not self.stored and self.received == self.size:
                 if self._digest.hexdigest() != self.sha256:
                     self.partial.unlink()
@@ -348,10 +515,24 @@ class ShardUpload:
             self.partial.unlink()
             raise InvalidRequest(f"shard {self.sha256[:12]}... refused: {exc}; not stored") from None
 
-    def abort(self) -> None:
-        """End the stream early (client gone, refused chunk): keep what was verified, free the shard."""
+    def _close_writer(self, sync: bool) -> None:
         if self._writer is not None:
             writer, self._writer = self._writer, None
-            with contextlib.suppress(StorageUnavailable):  # already failing; the partial file is what the disk took
-                writer.close(sync=False)
-        self.store._end_upload((self.owner, self.sha256))
+            try:
+                writer.close(sync)
+            except StorageUnavailable:
+                self._write_failed = True
+                raise
+
+    def abort(self) -> None:
+        """End the stream early (client gone, refused chunk, idle, superseded): keep what was verified
+        and the sha256 state of it for the next stream, free the shard. Idempotent."""
+        if self._ended:
+            return
+        self._ended = True
+        with contextlib.suppress(StorageUnavailable):  # already failing; the partial file is what the disk took
+            self._close_writer(sync=False)
+        on_disk = _file_identity(self.partial)
+        if not self.stored and not self._write_failed and on_disk is not None and on_disk[0] == self.received > 0:
+            self.store._keep_digest(self.owner, self.sha256, self.partial, self.received, self._digest)
+        self.store._end_upload((self.owner, self.sha256), self._holder)

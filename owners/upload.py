@@ -4,6 +4,17 @@ The server is the source of truth for progress: before each shard the client ask
 the server holds and streams from there, so a rerun after a crash (of either side) never resends
 a finished shard and never duplicates one. Transient failures (server restarting, network down,
 deadline) are retried with exponential backoff and jitter; every call has a deadline.
+
+What is retried is decided by the status code alone, never by the message:
+- retried with backoff (RETRYABLE): UNAVAILABLE, DEADLINE_EXCEEDED, UNKNOWN, and ABORTED, which is
+  also how the server says "this owner has too many upload streams open right now" (they end soon:
+  done, idle or taken over) or "another stream of this shard is still finishing";
+- an interrupted shard stream is also resumed (RESUMABLE) after FAILED_PRECONDITION (wrong offset),
+  DATA_LOSS (damaged chunk) and CANCELLED (the server ended a stream that stalled, or that a newer
+  stream of the same shard took over): the agent asks the server where to resume;
+- never retried: RESOURCE_EXHAUSTED (the owner's quota is used up, or the server's disk is full:
+  nothing changes until a person acts, so the agent stops with the server's message and says how
+  to resume), INVALID_ARGUMENT (the request itself is wrong), and every other code.
 """
 from __future__ import annotations
 
@@ -31,9 +42,9 @@ from protocol.task import Task, is_safe_name
 
 TOKEN_ENV = "OWNER_AGENT_TOKEN"
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
-             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN)
+             grpc.StatusCode.UNKNOWN)
 # An interrupted shard upload also comes back as these: the server then says where to resume.
-RESUMABLE = (*RETRYABLE, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DATA_LOSS)
+RESUMABLE = (*RETRYABLE, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.CANCELLED)
 
 
 def backoff_delay(attempt: int) -> float:
@@ -45,6 +56,9 @@ def service_error(what: str, exc: grpc.RpcError) -> ServiceError:
     """The owner-facing error for a failed call."""
     if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
         return ServiceError(f"{what}: UNAUTHENTICATED: the server rejected the token ({exc.details()})")
+    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ServiceError(f"{what}: RESOURCE_EXHAUSTED: {exc.details()}. Stopped: retrying will not help until "
+                            "the cloud's operator makes room; then rerun the same command to resume")
     return ServiceError(f"{what}: {exc.code().name}: {exc.details()}")
 
 
