@@ -68,6 +68,7 @@ class IngestServicer(pb_grpc.IngestServicer):
     def OpenDataset(self, request, context):
         owner = self._owner(context)
         try:
+            self.store.check_room_for(owner, request.manifest_json)
             state = self.store.open_dataset(owner, request.manifest_json, request.new_key_domain)
         except Refused as exc:
             self._refuse(context, owner, exc)

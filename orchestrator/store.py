@@ -354,6 +354,28 @@ class ShardStore:
                 f"quota of {self.owner_quota_bytes:,} bytes (ingest.owner_quota_bytes); nothing was stored. "
                 "Ask the cloud's operator to raise the quota or remove data you no longer need")
 
+    def check_room_for(self, owner: str, manifest_json: bytes) -> None:
+        """Before a dataset is opened: refuse it when the bytes it still needs do not fit the owner's
+        quota, so the owner learns before sending anything. A manifest that does not parse is left
+        to open_dataset's own refusal. Streams are checked again one by one (begin_upload)."""
+        if self.owner_quota_bytes is None:
+            return
+        try:
+            shards = {s.sha256: s.bytes for s in Manifest.parse(manifest_json, "manifest.json").shards}
+        except ManifestError:
+            return
+        needed = 0
+        for sha, size in shards.items():
+            if not self._is_stored(owner, sha):
+                partial = self._partial_path(owner, sha)
+                needed += max(0, size - (partial.stat().st_size if partial.exists() else 0))
+        used = self.owner_usage(owner)
+        if used + needed > self.owner_quota_bytes:
+            raise QuotaExceeded(
+                f"owner {owner} holds {used:,} bytes; this dataset needs {needed:,} more, over its quota of "
+                f"{self.owner_quota_bytes:,} bytes (ingest.owner_quota_bytes); nothing was stored. Ask the "
+                "cloud's operator to raise the quota or remove data you no longer need")
+
     def expire_partials(self) -> list[Path]:
         """Delete partial uploads nobody has written to for ``partial_expiry_s`` (an agent that never
         came back), the file's mtime being the last write; a shard with an open stream is kept. Runs

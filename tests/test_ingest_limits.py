@@ -127,31 +127,39 @@ def test_a_rerun_takes_over_from_a_stalled_stream_at_once(make_server, outboxes)
 
 
 def test_quota_exceeded_is_resource_exhausted_not_retried_and_nothing_is_stored(make_server, outboxes):
-    shard = min(p.stat().st_size for p in outboxes.a.glob("*.tar"))
-    server = make_server(owner_quota_bytes=shard - 1)
-    c = client(server)
+    total = sum(p.stat().st_size for p in outboxes.a.glob("*.tar"))
+    server = make_server(owner_quota_bytes=total - 1)
+    c = client(server)  # retries=3
     calls = []
-    send = c.upload_shard
-    c.upload_shard = lambda *a, **k: calls.append(1) or send(*a, **k)
-    with pytest.raises(ServiceError, match=r"RESOURCE_EXHAUSTED: owner hospital-a .* quota of .* "
-                                           r"\(ingest.owner_quota_bytes\).*Stopped"):
+    real = c.stub
+    c.stub = SimpleNamespace(OpenDataset=lambda *a, **k: calls.append(1) or real.OpenDataset(*a, **k),
+                             UploadShard=lambda *a, **k: calls.append(2) or real.UploadShard(*a, **k))
+    with pytest.raises(ServiceError, match=r"open dataset: RESOURCE_EXHAUSTED: owner hospital-a holds 0 bytes; "
+                                           rf"this dataset needs {total:,} more, over its quota of {total - 1:,} "
+                                           r"bytes \(ingest.owner_quota_bytes\).*Stopped"):
         upload_outbox(outboxes.a, c, progress=False)
-    assert len(calls) == 4  # one stream per shard, none retried
+    assert calls == [1]  # asked once, told no, never retried, nothing sent
     assert stored_objects(server) == [] and not list((server.root / "incoming").rglob("*.part"))
+    with sqlite3.connect(server.root / "catalog.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM datasets").fetchone() == (0,)
 
 
-def test_the_quota_counts_partial_uploads_and_open_streams(make_server, outboxes):
-    sizes = sorted(p.stat().st_size for p in outboxes.a.glob("*.tar"))
-    server = make_server(owner_quota_bytes=sizes[-1] + sizes[-1] // 2)  # one shard and a half
+def test_each_stream_is_checked_against_the_quota_counting_partials_and_open_streams(make_server, outboxes):
+    """Datasets opened while there was room (several at once) are checked again stream by stream."""
+    server = make_server()
     state, data, first = half_shard(server, outboxes.a, 0)
+    sizes = [s.size for s in state.shards]
+    server.store.owner_quota_bytes = sizes[0] + sizes[1] - 1  # shard 0 and 1 do not both fit
     stalled = silent_stream(server, first=first)  # shard 0 counts at its full size while streaming
     assert server.limits.wait_for_streams("hospital-a", 1, BOUND)
     header = pb.ShardHeader(dataset_id=state.dataset_id, shard_sha256=state.shards[1].sha256, offset=0)
     with pytest.raises(grpc.RpcError) as err:
         stub(server).UploadShard(iter([chunk(b"x", header)]), metadata=auth(), timeout=CALL)
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "quota" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"shard {state.shards[1].sha256[:12]}... ({sizes[1]:,} bytes) would pass its quota" in err.value.details()
+    assert not (server.root / "incoming" / "hospital-a" / f"{state.shards[1].sha256}.part").exists()
     assert not stalled.done()
-    assert server.store.owner_usage("hospital-a") == len(data)
+    assert server.store.owner_usage("hospital-a") == sizes[0]
 
 
 # ------------------------------------------------------------------ abandoned partial uploads
