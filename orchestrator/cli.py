@@ -10,10 +10,11 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from orchestrator import __version__
 from orchestrator.config import ConfigError, load_config
-from orchestrator.errors import RunFailed
+from orchestrator.errors import Refused, RunFailed
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -71,6 +72,51 @@ def cmd_federate(args: argparse.Namespace) -> int:
     return 0
 
 
+def open_store(cfg):
+    """The run's store, which must exist (a typo in the config must not create an empty one)."""
+    from orchestrator.store import ShardStore  # sqlite only; no Ray, no torch
+
+    root = Path(cfg.ingest.store) / cfg.name
+    if not (root / "catalog.sqlite").is_file():
+        raise ConfigError(f"ingest.store: no store of run {cfg.name!r} at {root} (nothing uploaded yet?)")
+    return ShardStore(root, cfg.task, cfg.ingest.max_shard_bytes)
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    store = open_store(load_config(args.config))
+    try:
+        if args.action == "list":
+            print_datasets(store.datasets())
+        elif args.action in ("quarantine", "release"):
+            ids = getattr(store, args.action)(args.owner, args.dataset)
+            what = f"dataset {ids[0]}" if args.dataset else f"all {len(ids)} dataset(s), and later uploads"
+            verb = "quarantined (kept on disk, not trained on or served)" if args.action == "quarantine" else "released"
+            print(f"owner {args.owner}: {what} {verb}", file=sys.stderr)
+        elif not args.yes:
+            prefix = args.dataset or ""
+            chosen = [d for d in store.datasets() if d["owner"] == args.owner and d["id"].startswith(prefix)]
+            print_datasets(chosen)
+            raise ConfigError(f"remove deletes these {len(chosen)} dataset(s) of {args.owner} for good: add --yes")
+        else:
+            removed = store.remove(args.owner, args.dataset)
+            print(f"owner {args.owner}: removed {len(removed.datasets)} dataset(s), {removed.objects} object file(s) "
+                  f"({removed.bytes} bytes) no other owner holds, {removed.partial_files} partial upload(s)",
+                  file=sys.stderr)
+    finally:
+        store.close()
+    return 0
+
+
+def print_datasets(rows: list[dict]) -> None:
+    header = ("owner", "dataset id", "split", "key id", "images", "committed", "quarantined", "bytes")
+    table = [header] + [(d["owner"], d["id"], d["split"], d["key_id"] or "-", str(d["images"]),
+                         "yes" if d["committed"] else "no", "yes" if d["quarantined"] else "no", str(d["bytes"]))
+                        for d in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
 def cmd_hash_token(args: argparse.Namespace) -> int:
     token = sys.stdin.readline().strip()
     if not token:
@@ -96,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("federate", help="federated training with Flower: owners train at home, FedAvg on the trunk")
     p.add_argument("config")
     p.set_defaults(func=cmd_federate)
+    p = sub.add_parser("datasets", help="list, quarantine, release or remove owners' datasets in the store")
+    p.add_argument("config")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("list", help="every dataset: owner, id, split, key id, images, state, bytes")
+    for action, text in (("quarantine", "keep on disk but out of training and predictions (reversible)"),
+                         ("release", "undo quarantine"),
+                         ("remove", "delete catalog rows, objects no other owner holds, partial uploads")):
+        a = actions.add_parser(action, help=text)
+        a.add_argument("owner")
+        a.add_argument("--dataset", metavar="ID", help="only this dataset (its id or a unique prefix of 8+ digits)")
+        if action == "remove":
+            a.add_argument("--yes", action="store_true", help="really delete (without it: show what would go)")
+    p.set_defaults(func=cmd_datasets)
     p = sub.add_parser("hash-token", help="read an owner token on stdin, print the token_sha256 for cluster.yaml")
     p.set_defaults(func=cmd_hash_token)
     return parser
@@ -107,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     try:
         return args.func(args)
-    except (ConfigError, RunFailed) as exc:
+    except (ConfigError, RunFailed, Refused) as exc:
         print(f"orchestrator {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -98,6 +98,8 @@ class TrainingConfig(TrainSettings):
     max_failures: int = bounded(2, 0, 1000)  # Ray Train restarts from the last checkpoint this many times
     start_when: tuple[str, ...] = ()  # owners whose train and test uploads start training
     wait_timeout_s: int = bounded(3600, 1, 30 * 86400)  # give up waiting for those uploads after this long
+    max_bad_fraction: float = bounded(0.01, 0.0, 1.0)  # an owner with more of its images unusable (undecodable,
+    # wrong size or format, label outside the classes) is left out of the run entirely; fewer are skipped
 
 
 @dataclass(frozen=True)

@@ -4,41 +4,68 @@ Each step is a function a test can call alone; :func:`launch` strings them toget
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlcore.checkpoint import CHECKPOINT_VERSION, code_version, load_checkpoint, model_from_checkpoint
-from mlcore.data import EncodedImages, ShardRef, group_names, shard_refs
+from mlcore.data import EncodedImages, ShardRef, check_shards, shard_refs
 from mlcore.loop import evaluate
 from orchestrator.config import ClusterConfig, ConfigError, RayConfig
-from orchestrator.errors import UploadsMissing
+from orchestrator.errors import RunFailed, UploadsMissing
 from orchestrator.ingest import IngestService, start_ingest
 from orchestrator.store import ShardStore
 from orchestrator.training import TrainJob, make_model, run_training
+from protocol.net import is_loopback
 from protocol.shards import ShardInfo
 from protocol.task import SPLITS
 
 AVAILABLE_STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters")  # federated: `orchestrator federate`
+LOOPBACK = "127.0.0.1"
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps a local node on loopback
 
 
 def start_ray(cfg: RayConfig, log=print) -> str | None:
-    """Join the configured cluster, or start a local Ray with its dashboard. Returns the dashboard URL."""
+    """Join the configured cluster, or start a local Ray with its dashboard. Returns the dashboard URL.
+
+    A local Ray listens on loopback only: its GCS, raylet, object manager, agents and dashboard take
+    unauthenticated requests that run code, so nothing else may reach them. Ray binds them to the
+    node's IP address; given 127.0.0.1, Ray replaces it with the machine's network address unless it
+    believes it runs one machine (``_single_machine_ray``)."""
     import ray
 
     if cfg.address:
         context = ray.init(address=cfg.address)
     else:
+        _single_machine_ray()
         context = ray.init(include_dashboard=True, dashboard_host=cfg.dashboard_host,
-                           dashboard_port=cfg.dashboard_port)
+                           dashboard_port=cfg.dashboard_port, _node_ip_address=LOOPBACK)
+        node_ip = context.address_info.get("node_ip_address", "")
+        if not is_loopback(f"{node_ip}:0"):
+            ray.shutdown()
+            raise RunFailed(f"step 'start Ray': the local Ray took node address {node_ip}, not loopback; it "
+                            "would listen on the network. Nothing was started")
     url = context.dashboard_url
     url = f"http://{url}" if url and not url.startswith("http") else url
     log(f"Ray dashboard: {url or '(not available)'}")
     return url
+
+
+def _single_machine_ray() -> None:
+    """Tell Ray this is a one-machine Ray, so that the node address stays 127.0.0.1. Ray reads the
+    variable once, when it is first imported; its module constant is set too for a process that
+    imported Ray before (e.g. for a Flower simulation)."""
+    from ray._private import ray_constants  # private: the one switch Ray offers (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER)
+
+    os.environ[SINGLE_MACHINE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def uploads_ready(store: ShardStore, owners: tuple[str, ...]) -> list[str]:
@@ -64,37 +91,124 @@ def wait_for_uploads(store: ShardStore, owners: tuple[str, ...], timeout_s: floa
 
 
 def committed_refs(store: ShardStore) -> list[ShardRef]:
-    """ShardRefs of every committed dataset in the store."""
+    """ShardRefs of every committed dataset in the store that is not quarantined."""
     refs: list[ShardRef] = []
     for d in store.committed_datasets():
-        shards = [ShardInfo(**s) for s in d["manifest"]["shards"]]
-        refs += shard_refs(shards, lambda s: store.object_path(s.sha256), d["owner"], d["key_id"], d["split"])
+        refs += dataset_refs(store, d)
     return refs
 
 
-def build_job(cfg: ClusterConfig, store: ShardStore) -> TrainJob:
-    """The training plan: every committed train dataset; every committed test dataset to evaluate."""
+def dataset_refs(store: ShardStore, dataset: dict) -> tuple[ShardRef, ...]:
+    shards = [ShardInfo(**s) for s in dataset["manifest"]["shards"]]
+    return shard_refs(shards, lambda s: store.object_path(s.sha256), dataset["owner"], dataset["key_id"],
+                      dataset["split"])
+
+
+@dataclass
+class DataPlan:
+    """What trains and is evaluated, and what was left out and why (for the log and the report)."""
+
+    datasets: list[dict]  # committed, not quarantined, not excluded
+    exclusions: list[dict] = field(default_factory=list)  # {"owner", "what", "images", "reason"}
+    skipped: dict[str, dict] = field(default_factory=dict)  # owner -> {"images", "bad", "reasons"}
+
+    def exclude(self, keep, what, reason, log) -> None:
+        """Leave out the datasets ``keep`` says False to; one exclusion (and message) per owner."""
+        out = [d for d in self.datasets if not keep(d)]
+        self.datasets = [d for d in self.datasets if keep(d)]
+        for owner in sorted({d["owner"] for d in out}):
+            images = sum(d["images"] for d in out if d["owner"] == owner)
+            self.exclusions.append({"owner": owner, "what": what(owner, out), "images": images,
+                                    "reason": reason(owner)})
+            log(f"excluded from this run: {self.exclusions[-1]['what']} of owner {owner} ({images} images): "
+                f"{reason(owner)}")
+
+
+def select_data(cfg: ClusterConfig, store: ShardStore, log=print) -> DataPlan:
+    """The committed datasets this run uses: only owners listed in ingest.owners, none whose data is
+    mostly unusable (``training.max_bad_fraction``), and under shared-key only the run's key."""
+    plan = DataPlan(store.committed_datasets())
+    listed = {o.id for o in cfg.ingest.owners}
+    plan.exclude(lambda d: d["owner"] in listed, _all_data, lambda o: "not in ingest.owners of the cluster config",
+                 log)
+    _exclude_unusable(plan, cfg, store, log)
+    if cfg.training.strategy == "shared-key":
+        _exclude_other_keys(plan, cfg, log)
+    return plan
+
+
+def _all_data(owner: str, out: list[dict]) -> str:
+    splits = sorted({d["split"] for d in out if d["owner"] == owner})
+    return f"all data ({', '.join(splits)})"
+
+
+def _exclude_unusable(plan: DataPlan, cfg: ClusterConfig, store: ShardStore, log) -> None:
+    """Read every sample as training will; an owner over the bad fraction is left out entirely, the
+    others' unusable samples are skipped (and counted in the report)."""
+    limit = cfg.training.max_bad_fraction
+    refs = [r for d in plan.datasets for r in dataset_refs(store, d)]
+    bad = check_shards(refs, cfg.task)
+    declared = {o: sum(r.images for r in refs if r.owner == o) for o in {r.owner for r in refs}}
+    over = {o for o in declared if bad.count(o) > limit * declared[o]}
+
+    def why(owner: str) -> str:
+        reasons = "; ".join(f"{n} x {reason}" for reason, n in list(bad.reasons(owner).items())[:5])
+        return (f"{bad.count(owner)} of {declared[owner]} images unusable "
+                f"({bad.count(owner) / max(1, declared[owner]):.1%}, over training.max_bad_fraction {limit:g}): "
+                f"{reasons}")
+
+    plan.exclude(lambda d: d["owner"] not in over, _all_data, why, log)
+    for owner in sorted(set(declared) - over):
+        if bad.count(owner):
+            plan.skipped[owner] = {"images": declared[owner], "bad": bad.count(owner), "reasons": bad.reasons(owner)}
+            log(f"skipping {bad.count(owner)} unusable of {declared[owner]} images of owner {owner}: "
+                f"{', '.join(bad.reasons(owner))}")
+
+
+def run_key(cfg: ClusterConfig, train: list[dict]) -> str | None:
+    """shared-key trains under one key: the first declared in ingest.shared_keys that has train data,
+    else the key id of the first train dataset uploaded (the one the ingest service let in first)."""
+    declared = [k.key_id for k in cfg.ingest.shared_keys]
+    ordered = sorted(train, key=lambda d: d["created"])
+    for key in declared:
+        if any(d["key_id"] == key for d in ordered):
+            return key
+    return ordered[0]["key_id"] if ordered else None
+
+
+def _exclude_other_keys(plan: DataPlan, cfg: ClusterConfig, log) -> None:
+    """shared-key: train datasets under another key than the run's are left out, naming their owner
+    (test datasets under other keys stay: they measure keys the model never saw)."""
+    key = run_key(cfg, [d for d in plan.datasets if d["split"] == "train"])
+    if key is None:
+        return
+    plan.exclude(lambda d: d["split"] != "train" or d["key_id"] == key,
+                 lambda o, out: f"train data under key id {', '.join(sorted({d['key_id'] for d in out}))}",
+                 lambda o: f"training.strategy shared-key trains under one key, and this run's is {key}", log)
+
+
+def build_job(cfg: ClusterConfig, store: ShardStore, log=print) -> TrainJob:
+    """The training plan: the selected committed train datasets; the selected test datasets to evaluate."""
     s = cfg.training
     if s.strategy not in AVAILABLE_STRATEGIES:
         raise ConfigError("training.strategy 'federated' trains at the owners: run `orchestrator federate` "
                           "with this config (owners join with `owner-agent federate`)")
-    refs = committed_refs(store)
+    plan = select_data(cfg, store, log)
+    refs = [r for d in plan.datasets for r in dataset_refs(store, d)]
     train = tuple(r for r in refs if r.split == "train")
     test = tuple(r for r in refs if r.split == "test")
     if not train:
-        raise ConfigError("no committed train split in the store: nothing to train on")
-    keys = group_names(list(train))
-    if s.strategy == "shared-key" and len(keys) > 1:
-        raise ConfigError(f"training.strategy 'shared-key' expects one key, but the train splits use "
-                          f"{len(keys)} key ids ({', '.join(keys)}); use 'pooled' or re-encrypt with one key")
+        left_out = "".join(f"; left out {e['owner']}: {e['reason']}" for e in plan.exclusions)
+        raise ConfigError(f"no committed train split in the store: nothing to train on{left_out}")
     # The Ray run is named after what it trains on and how: rerunning the same config on the same
     # data resumes it; new uploads or new settings start a new run instead of resuming a stale one.
     how = {k: str(v) for k, v in dataclasses.asdict(s).items() if k not in ("start_when", "wait_timeout_s")}
     # The checkpoint format is part of it: a run never resumes from checkpoints this code cannot read.
-    plan = json.dumps([sorted((r.path, r.owner, r.key_id or "") for r in train), how, CHECKPOINT_VERSION],
-                      sort_keys=True)
-    run_name = f"{cfg.name}-{hashlib.sha256(plan.encode()).hexdigest()[:10]}"
-    job = TrainJob(run_name, cfg.task, train, test, s, str(store.root / "runs" / run_name), code_version())
+    plan_text = json.dumps([sorted((r.path, r.owner, r.key_id or "") for r in train), how, CHECKPOINT_VERSION],
+                           sort_keys=True)
+    run_name = f"{cfg.name}-{hashlib.sha256(plan_text.encode()).hexdigest()[:10]}"
+    job = TrainJob(run_name, cfg.task, train, test, s, str(store.root / "runs" / run_name), code_version(),
+                   tuple(plan.exclusions), plan.skipped)
     make_model(job)  # a bad model/geometry combination fails here, before Ray starts workers
     return job
 
@@ -110,7 +224,10 @@ def evaluate_checkpoint(checkpoint: Path, job: TrainJob) -> list[dict]:
     for owner in sorted({r.owner for r in job.test}):
         for key in sorted({r.key_id or r.owner for r in job.test if r.owner == owner}):
             shards = [r for r in job.test if r.owner == owner and (r.key_id or r.owner) == key]
-            result = evaluate(model, EncodedImages(shards, [key]), [key], job.settings, torch.device("cpu"))
+            data = EncodedImages(shards, [key], job.task)  # unusable samples skipped, as in training
+            if not len(data):
+                continue
+            result = evaluate(model, data, [key], job.settings, torch.device("cpu"))
             group = result["per_group"][key]
             rows.append({"owner": owner, "key_id": key if job.task.encrypted else None,
                          "seen_in_training": key in trained, "images": group["images"],
@@ -137,6 +254,7 @@ def write_report(folder: Path, job: TrainJob, checkpoint: Path, rows: list[dict]
     lines += [f"| {r['owner']} | {r['key_id'] or '-'} | {'yes' if r['seen_in_training'] else 'NO'} | {r['images']} "
               f"| {'refused (no adapter for this key)' if r['refused'] else format(r['accuracy'], '.1%')} |"
               for r in rows]
+    lines += data_left_out(job)
     lines += ["", "| epoch | train loss | train acc | test acc (keys trained on) | images/s |", "|---|---|---|---|---|"]
     lines += [f"| {e['epoch']} | {e['train_loss']:.3f} | {e['train_acc']:.1%} | {e.get('test_acc', 0):.1%} | "
               f"{e['images_per_s']:.0f} |" for e in epochs]
@@ -145,10 +263,22 @@ def write_report(folder: Path, job: TrainJob, checkpoint: Path, rows: list[dict]
     doc = {"run": job.run_name, "code_version": job.code_version, "checkpoint": str(checkpoint),
            "training": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(job.settings).items()},
            "task": dataclasses.asdict(job.task), "seen_key_accuracy": seen_acc, "chance": chance,
-           "per_owner_key": rows, "epochs": epochs}
+           "per_owner_key": rows, "excluded": list(job.exclusions), "skipped_samples": job.skipped,
+           "epochs": epochs}
     (folder / "report.json").write_text(json.dumps(doc, indent=1) + "\n")
     _plot(folder / "curves.png", epochs, chance)
     return folder / "report.md"
+
+
+def data_left_out(job: TrainJob) -> list[str]:
+    """report.md's section on data this run did not use: owners or datasets left out, and samples skipped."""
+    if not job.exclusions and not job.skipped:
+        return []
+    lines = ["", "## Data left out", "", "| owner | what | images | why |", "|---|---|---|---|"]
+    lines += [f"| {e['owner']} | {e['what']} | {e['images']} | {e['reason']} |" for e in job.exclusions]
+    lines += [f"| {owner} | {s['bad']} unusable samples skipped | {s['images']} | "
+              f"{'; '.join(f'{n} x {why}' for why, n in s['reasons'].items())} |" for owner, s in job.skipped.items()]
+    return lines
 
 
 def _plot(path: Path, epochs: list[dict], chance: float) -> None:
@@ -181,6 +311,18 @@ def stop_on_signals(stop: threading.Event) -> None:
             signal.signal(sig, lambda *_: stop.set())
 
 
+@contextlib.contextmanager
+def step(name: str, logs: Path | str):
+    """An unexpected error in one step of a launch ends it as RunFailed naming the step and where to
+    look, instead of a bare traceback."""
+    try:
+        yield
+    except (RunFailed, ConfigError):
+        raise
+    except Exception as exc:
+        raise RunFailed(f"step '{name}' failed: {type(exc).__name__}: {str(exc)[:300]}; see {logs}") from exc
+
+
 def launch(cfg: ClusterConfig, once: bool, stop: threading.Event, log=print) -> Path:
     """Run the whole flow; returns the report path. Serves predictions until ``stop`` unless ``once``."""
     import ray
@@ -195,14 +337,16 @@ def launch(cfg: ClusterConfig, once: bool, stop: threading.Event, log=print) -> 
         ingest = start_ingest(cfg)
         log(f"ingest service on port {ingest.port}; store {ingest.store.root}")
         wait_for_uploads(ingest.store, cfg.training.start_when, cfg.training.wait_timeout_s, stop, log)
-        job = build_job(cfg, ingest.store)
+        with step("select data", ingest.store.root / "logs"):
+            job = build_job(cfg, ingest.store, log)
         log(f"training {job.settings.model} ({job.settings.strategy}) on "
             f"{sum(r.images for r in job.train)} images of {len({r.owner for r in job.train})} owner(s), "
             f"{job.settings.epochs} epochs, {job.settings.workers} worker(s); dashboard {dashboard}")
         checkpoint = run_training(job, ingest.store.root / "ray")
         stop_on_signals(stop)
-        rows = evaluate_checkpoint(checkpoint, job)
-        report = write_report(Path(job.log_dir) / "report", job, checkpoint, rows, dashboard)
+        with step("evaluate and report", job.log_dir):
+            rows = evaluate_checkpoint(checkpoint, job)
+            report = write_report(Path(job.log_dir) / "report", job, checkpoint, rows, dashboard)
         log(report.read_text())
         log(f"report: {report}")
         if once:

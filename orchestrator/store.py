@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import sqlite3
 import threading
 import time
@@ -54,7 +55,14 @@ CREATE TABLE IF NOT EXISTS dataset_shards (
 CREATE TABLE IF NOT EXISTS objects (sha256 TEXT PRIMARY KEY, size INTEGER NOT NULL, stored REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS owner_objects (
     owner TEXT NOT NULL, sha256 TEXT NOT NULL REFERENCES objects(sha256), PRIMARY KEY (owner, sha256));
+CREATE TABLE IF NOT EXISTS quarantine (
+    owner TEXT NOT NULL, dataset_id TEXT NOT NULL, since REAL NOT NULL, PRIMARY KEY (owner, dataset_id));
 """
+# quarantine: the operator's hold on data (``orchestrator datasets``); dataset_id '' holds every dataset
+# of the owner, present and future. A table of its own, so an existing catalog gains it in place (the
+# CREATE above) with no column to migrate. Kept on disk, never trained on, released by deleting the row.
+QUARANTINED = "EXISTS (SELECT 1 FROM quarantine q WHERE q.owner = d.owner AND q.dataset_id IN ('', d.id))"
+DATASET_ID_PREFIX = re.compile(r"^[0-9a-f]{8,64}$")
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,16 @@ class ShardProgress:
     size: int
     received: int  # bytes held; == size once stored
     stored: bool
+
+
+@dataclass(frozen=True)
+class Removed:
+    """What ``ShardStore.remove`` deleted."""
+
+    datasets: tuple[str, ...]  # dataset ids
+    objects: int  # object files no other owner held
+    bytes: int  # their size
+    partial_files: int  # unfinished uploads of the owner's
 
 
 @dataclass(frozen=True)
@@ -415,15 +433,117 @@ class ShardStore:
     # ------------------------------------------------------------------ reading (cloud side only)
 
     def key_ids_of(self, owner: str) -> set[str]:
-        """The key ids ``owner`` has uploaded under (its key domains)."""
-        return {r[0] for r in self._query("SELECT key_id FROM key_domains WHERE owner = ?", (owner,))}
+        """The key ids ``owner`` has uploaded under (its key domains), less those whose every dataset
+        is quarantined: predictions answer only for data the operator lets train."""
+        if self._query("SELECT 1 FROM quarantine WHERE owner = ? AND dataset_id = ''", (owner,)):
+            return set()
+        domains = {r[0] for r in self._query("SELECT key_id FROM key_domains WHERE owner = ?", (owner,))}
+        held: dict[str, bool] = {}  # key id -> some dataset under it is not quarantined
+        for key_id, quarantined in self._query(f"SELECT d.key_id, {QUARANTINED} FROM datasets d WHERE d.owner = ?",
+                                               (owner,)):
+            held[key_id] = held.get(key_id, False) or not quarantined
+        return {k for k in domains if held.get(k, True)}
 
-    def committed_datasets(self) -> list[dict]:
-        """Catalog rows of committed datasets: what training may read."""
-        rows = self._query("SELECT id, owner, split, key_id, scheme, images, manifest FROM datasets "
-                           "WHERE committed = 1 ORDER BY owner, split, created")
+    def committed_datasets(self, include_quarantined: bool = False) -> list[dict]:
+        """Catalog rows of committed datasets: what training may read (quarantined ones only when asked)."""
+        rows = self._query(f"SELECT d.id, d.owner, d.split, d.key_id, d.scheme, d.images, d.manifest, d.created, "
+                           f"{QUARANTINED} FROM datasets d WHERE d.committed = 1 ORDER BY d.owner, d.split, d.created")
         return [{"id": r[0], "owner": r[1], "split": r[2], "key_id": r[3], "scheme": r[4], "images": r[5],
-                 "manifest": json.loads(r[6])} for r in rows]
+                 "manifest": json.loads(r[6]), "created": r[7], "quarantined": bool(r[8])}
+                for r in rows if include_quarantined or not r[8]]
+
+    # ------------------------------------------------------------------ the operator's lifecycle commands
+
+    def datasets(self) -> list[dict]:
+        """Every dataset, committed or not, with its state and its shards' bytes (``orchestrator datasets list``)."""
+        rows = self._query(f"SELECT d.id, d.owner, d.split, d.key_id, d.images, d.committed, {QUARANTINED}, "
+                           "(SELECT COALESCE(SUM(s.size), 0) FROM dataset_shards s WHERE s.dataset_id = d.id), "
+                           "d.created FROM datasets d ORDER BY d.owner, d.created")
+        return [{"id": r[0], "owner": r[1], "split": r[2], "key_id": r[3], "images": r[4], "committed": bool(r[5]),
+                 "quarantined": bool(r[6]), "bytes": r[7], "created": r[8]} for r in rows]
+
+    def _dataset_ids(self, owner: str, dataset: str | None) -> list[str]:
+        """Ids of ``owner``'s datasets: all, or the one whose id starts with ``dataset``."""
+        if dataset is not None and not DATASET_ID_PREFIX.match(dataset):
+            raise InvalidRequest(f"--dataset {dataset!r}: expected a dataset id (8 to 64 lower-case hex digits)")
+        ids = [r[0] for r in self._query("SELECT id FROM datasets WHERE owner = ? ORDER BY created", (owner,))
+               if dataset is None or r[0].startswith(dataset)]
+        if not ids:
+            raise NotFound(f"owner {owner} has no dataset{'' if dataset is None else ' ' + dataset} in the store")
+        if dataset is not None and len(ids) > 1:
+            raise InvalidRequest(f"--dataset {dataset} matches {len(ids)} datasets of {owner}: give more digits")
+        return ids
+
+    def quarantine(self, owner: str, dataset: str | None = None) -> list[str]:
+        """Hold one dataset of ``owner`` (or all of them, also those it uploads later) out of training
+        and predictions; nothing is deleted. Returns the dataset ids held."""
+        ids = self._dataset_ids(owner, dataset)
+        self._query("INSERT OR IGNORE INTO quarantine VALUES (?, ?, ?)",
+                    (owner, "" if dataset is None else ids[0], time.time()))
+        return ids
+
+    def release(self, owner: str, dataset: str | None = None) -> list[str]:
+        """Undo :meth:`quarantine`: the owner as a whole (every hold on it), or one dataset."""
+        ids = self._dataset_ids(owner, dataset)
+        if dataset is None:
+            self._query("DELETE FROM quarantine WHERE owner = ?", (owner,))
+            return ids
+        if self._query("SELECT 1 FROM quarantine WHERE owner = ? AND dataset_id = ''", (owner,)):
+            raise WrongState(f"owner {owner} is quarantined as a whole: release the owner (without --dataset)")
+        self._query("DELETE FROM quarantine WHERE owner = ? AND dataset_id = ?", (owner, ids[0]))
+        return ids
+
+    def remove(self, owner: str, dataset: str | None = None) -> Removed:
+        """Delete one dataset of ``owner`` (or all its data): catalog rows, the objects no other owner
+        holds, and its partial uploads of them. The catalog changes first, in one transaction; files
+        go after it, so a crash in between leaves unreferenced files, never rows naming missing ones."""
+        ids = self._dataset_ids(owner, dataset)
+        with self._db_lock, catalog_errors():
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                dropped, orphans, freed = self._remove_rows(owner, ids, whole_owner=dataset is None)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        for sha in orphans:
+            self.object_path(sha).unlink(missing_ok=True)
+        if dataset is None:
+            partials = list((self.root / "incoming" / owner).glob("*.part"))
+        else:
+            partials = [p for p in (self._partial_path(owner, sha) for sha in dropped) if p.exists()]
+        for path in partials:
+            path.unlink(missing_ok=True)
+        return Removed(tuple(ids), len(orphans), freed, len(partials))
+
+    def _remove_rows(self, owner: str, ids: list[str], whole_owner: bool) -> tuple[set[str], list[str], int]:
+        """Inside remove's transaction: (objects the owner no longer holds, objects nobody holds, their bytes)."""
+        db, marks = self._db, ",".join("?" * len(ids))
+        shas = {r[0] for r in db.execute(f"SELECT sha256 FROM dataset_shards WHERE dataset_id IN ({marks})", ids)}
+        db.execute(f"DELETE FROM dataset_shards WHERE dataset_id IN ({marks})", ids)
+        db.execute(f"DELETE FROM datasets WHERE id IN ({marks})", ids)
+        db.execute(f"DELETE FROM quarantine WHERE owner = ? AND dataset_id IN ({marks})", [owner, *ids])
+        if whole_owner:
+            shas |= {r[0] for r in db.execute("SELECT sha256 FROM owner_objects WHERE owner = ?", (owner,))}
+            db.execute("DELETE FROM quarantine WHERE owner = ?", (owner,))
+        still_used = {r[0] for r in db.execute("SELECT s.sha256 FROM dataset_shards s JOIN datasets d "
+                                                "ON d.id = s.dataset_id WHERE d.owner = ?", (owner,))}
+        dropped = shas - still_used
+        orphans, freed = [], 0
+        for sha in sorted(dropped):
+            db.execute("DELETE FROM owner_objects WHERE owner = ? AND sha256 = ?", (owner, sha))
+            if not db.execute("SELECT 1 FROM owner_objects WHERE sha256 = ?", (sha,)).fetchone():
+                size = db.execute("SELECT size FROM objects WHERE sha256 = ?", (sha,)).fetchone()
+                db.execute("DELETE FROM objects WHERE sha256 = ?", (sha,))
+                if size is not None:
+                    orphans.append(sha)
+                    freed += size[0]
+        # a key id the owner has no data under any more is no longer its key domain (nor its claim on it)
+        db.execute("DELETE FROM key_domains WHERE owner = ? AND key_id NOT IN (SELECT key_id FROM datasets "
+                   "WHERE owner = ? AND key_id IS NOT NULL)", (owner, owner))
+        return dropped, orphans, freed
 
 
 class _ChunkWriter(threading.Thread):

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +37,11 @@ class TrainJob:
     settings: TrainingConfig
     log_dir: str  # rank 0 appends metrics.jsonl here
     code_version: str
+    # What the cloud left out and why (``orchestrator/launch.py: select_data``), for the report:
+    # whole datasets or owners ({"owner", "what", "images", "reason"}), and per owner the samples
+    # skipped inside data that does train ({"images", "bad", "reasons"}).
+    exclusions: tuple[dict, ...] = ()
+    skipped: dict[str, dict] = field(default_factory=dict)
 
     @property
     def groups(self) -> list[str]:
@@ -104,18 +110,20 @@ def train_loop_per_worker(config: dict) -> None:
     model = make_model(job).to(memory_format=torch.channels_last)
     # Ray: DDP across workers and device placement (a batch may lack some keys: their adapters get no grad)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": s.keyed})
-    loader = torch.utils.data.DataLoader(EncodedImages(list(job.train), job.groups), batch_size=s.batch_size,
-                                         shuffle=True, drop_last=True)
+    train_set = EncodedImages(list(job.train), job.groups, job.task)  # unusable samples skipped, counted
+    loader = torch.utils.data.DataLoader(train_set, batch_size=s.batch_size, shuffle=True, drop_last=True)
     loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)  # Ray: a shard per worker
     optimizer, scheduler = make_optimizer(model, s, s.epochs * len(loader))
     start_epoch = _resume(model, optimizer, scheduler)
-    test_set = EncodedImages(list(job.test), group_names(list(job.test))) if rank == 0 else None
+    test_set = EncodedImages(list(job.test), group_names(list(job.test)), job.task) if rank == 0 else None
     generator = torch.Generator().manual_seed(s.seed * 1000 + rank)
     for epoch in range(start_epoch, s.epochs):
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         metrics = train_one_epoch(model, loader, optimizer, scheduler, s, job.task, device, generator)
-        metrics.update(epoch=epoch + 1, worker_pid=os.getpid(), time=time.time())
+        metrics.update(epoch=epoch + 1, worker_pid=os.getpid(), time=time.time(), train_samples=len(train_set),
+                       **{f"decode_failures/{o}": train_set.decode_failures.count(o)
+                          for o in train_set.decode_failures.by_owner})
         _report_epoch(job, epoch, metrics, (model, optimizer, scheduler), test_set, device)
 
 
@@ -135,7 +143,29 @@ def run_training(job: TrainJob, storage: Path) -> Path:
         run_config=RunConfig(name=job.run_name, storage_path=str(Path(storage).resolve()),
                              failure_config=FailureConfig(max_failures=s.max_failures)),
     )
-    result = trainer.fit()
+    logs = f"Ray Train's run folder {Path(storage).resolve() / job.run_name}, metrics in {job.log_dir}"
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps the worker's error (WorkerGroupError, TrainingFailedError): say it in one line
+        raise RunFailed(f"step 'training' of run {job.run_name} failed: {worker_error(exc)}; see {logs}") from exc
     if result.checkpoint is None:
-        raise RunFailed(f"training {job.run_name} produced no checkpoint: {result.error}")
+        raise RunFailed(f"step 'training' of run {job.run_name} produced no checkpoint: "
+                        f"{worker_error(result.error)}; see {logs}")
     return Path(result.checkpoint.path) / ckpt.CHECKPOINT_FILE  # storage_path is a filesystem path
+
+
+def worker_error(exc: BaseException | None) -> str:
+    """The worker's own error out of Ray's wrapper, in one line: the first failed worker's (Ray Train
+    keeps them in ``worker_failures``), else the last line of the message that names an exception
+    (Ray puts the worker's traceback in its message), else its first line."""
+    if exc is None:
+        return "no error reported"
+    failures = getattr(exc, "worker_failures", None) or {}
+    if failures:
+        rank = min(failures)
+        return f"worker {rank}: {worker_error(failures[rank])}"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"^(?:\w+\.)*[A-Z]\w*: \S", line)]
+    if named:
+        return named[-1][:500]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:500]
