@@ -318,12 +318,13 @@ class ShardStore:
         newest process is the live one: a stalled or killed agent's stream would otherwise block
         its own rerun until a deadline (an hour for 1 GiB). What the old stream wrote is kept; its
         agent, if alive, asks where to resume like after any interruption."""
-        holder = self._uploads_in_progress.get(key)
-        if holder is None:
-            return
-        holder.stop()
-        if not self._uploads_changed.wait_for(lambda: key not in self._uploads_in_progress, TAKE_OVER_WAIT_S):
-            raise Busy(f"another upload of shard {key[1][:12]}... is still being verified; retry in a minute")
+        deadline = time.monotonic() + TAKE_OVER_WAIT_S
+        while (holder := self._uploads_in_progress.get(key)) is not None:  # a third stream may come in between
+            holder.stop()
+            let_go = self._uploads_changed.wait_for(lambda h=holder: self._uploads_in_progress.get(key) is not h,
+                                                    max(0.0, deadline - time.monotonic()))
+            if not let_go:
+                raise Busy(f"another upload of shard {key[1][:12]}... is still being verified; retry in a minute")
 
     def _end_upload(self, key: tuple[str, str], holder: _UploadHolder) -> None:
         with self._uploads_changed:

@@ -6,6 +6,7 @@ a condition or a future, with a bound.
 """
 import json
 import os
+import signal
 import sqlite3
 import threading
 import time
@@ -19,10 +20,11 @@ from orchestrator.config import parse_config
 from orchestrator.ingest import start_ingest
 from owners.upload import Connection, IngestClient, ServiceError, upload_outbox
 from protocol.proto import ingest_pb2 as pb
-from tests import test_ingest
+from tests import test_ingest, test_ingest_crash
 from tests.test_ingest import CALL, auth, chunk, client, config_dict, shard_bytes, stored_objects, stub
 
 outboxes = test_ingest.outboxes  # four shards per owner, by name as a fixture
+crash_setup = test_ingest_crash.setup  # real processes: the ingest server and owner-agents
 BOUND = 20  # seconds: upper bound on any wait below (they end far sooner when the code is right)
 
 
@@ -306,3 +308,33 @@ def test_connection_limits_reach_the_grpc_server(make_server):
     assert soft == hard or hard == resource.RLIM_INFINITY
     assert stub(server).GetTask(pb.GetTaskRequest(), metadata=auth(), timeout=CALL).owner_id == "hospital-a"
 
+
+
+# ------------------------------------------------------------------ a stalled agent, for real
+
+
+@pytest.mark.slow
+def test_a_stopped_agents_rerun_is_not_blocked_by_it(crash_setup):
+    """An agent stopped with SIGSTOP mid-upload holds its streams open; its rerun takes them over at
+    once instead of being refused ("another upload ... is in progress") until their deadline."""
+    tmp_path, port, procs = crash_setup
+    test_ingest_crash.start_server(tmp_path, procs)
+    stalled = test_ingest_crash.start_agent(tmp_path, port, "hospital-a", procs, "--max-rate", "300000")
+    test_ingest_crash.wait_for_stored(tmp_path, "hospital-a", 2, stalled)
+    incoming = tmp_path / "store" / "crash" / "incoming" / "hospital-a"
+    deadline = time.monotonic() + test_ingest_crash.WAIT
+    while not list(incoming.glob("*.part")):  # stopped mid-shard: it holds a stream (the crash tests' polling)
+        assert time.monotonic() < deadline and stalled.poll() is None
+        time.sleep(0.02)
+    stalled.send_signal(signal.SIGSTOP)
+    try:
+        out = tmp_path / "agent-hospital-a.out"
+        before = len(out.read_bytes())
+        rerun = test_ingest_crash.start_agent(tmp_path, port, "hospital-a", procs)
+        assert rerun.wait(test_ingest_crash.WAIT) == 0, out.read_text()[-2000:]
+        log = out.read_bytes()[before:].decode()
+        assert "another upload" not in log and "ABORTED" not in log, log[-2000:]
+        test_ingest_crash.check_catalog_matches_outbox(tmp_path, "hospital-a")
+    finally:
+        stalled.send_signal(signal.SIGKILL)
+        stalled.wait(10)
