@@ -1,0 +1,212 @@
+"""``owner-agent audit``: the product's attacks, run here on the owner's own images and key.
+
+Nothing leaves the machine. The owner's images are loaded at the task's size, encrypted with the
+owner's key and passed through the stored codec exactly as an upload would be; then each attack
+runs on what the cloud would hold, and is scored against the truth the owner alone knows (the
+key's schedule and the plain images). A fifth of the images (every fifth) is held out as the
+attacker's public natural-image prior and never attacked.
+
+Verdict per attack (the thresholds, written down once):
+    broken  the attack recovers >= 50% of the key, or decrypts >= 50% of the images exactly (up
+            to a mirror image), or its reconstructions reach SSIM >= 0.6 (content recognisable);
+    weak    >= 10% of the key, or >= 5% of images exact, or SSIM >= 0.3;
+    holds   below all of these.
+The overall verdict is the worst over the attacks that need no plain image (ciphertext-only and
+per-image): what a cloud can do with the uploads alone. Known plaintext is reported apart: it is
+always `broken` (one leaked pair reveals the schedule) and says what a leak costs.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from owners.attacks.ciphertext_only import ciphertext_only_attack
+from owners.attacks.common import ScheduleCipher
+from owners.attacks.known_plaintext import known_plaintext_attack
+from owners.attacks.per_image import per_image_attack
+from owners.attacks.prior import NaturalImagePrior
+from owners.attacks.scoring import Score, score_attack
+from owners.cipher import BlockCipher, CipherGeometry
+from owners.errors import OwnerError
+from owners.images import BadImage, load_rgb, scan_image_folder
+from protocol.codec import Codec, decode
+
+BROKEN = {"key": 0.5, "exact": 0.5, "ssim": 0.6}
+WEAK = {"key": 0.1, "exact": 0.05, "ssim": 0.3}
+VERDICTS = ("holds", "weak", "broken")
+PRIOR_EVERY = 5  # every fifth image is the attacker's prior, never attacked
+MIN_ATTACKED = 10
+
+
+class AuditError(OwnerError):
+    """The audit cannot run on this folder (too few readable images, a bad setting)."""
+
+
+@dataclass
+class AttackRow:
+    attack: str  # "known plaintext", "ciphertext only", "one image at a time"
+    images: int  # the images the attacker holds (pairs for known plaintext)
+    scored: int  # the images the reconstruction is scored on
+    score: Score
+    seconds: float
+    verdict: str
+
+    def as_dict(self) -> dict:
+        return {"attack": self.attack, "images": self.images, "scored": self.scored,
+                "seconds": round(self.seconds, 3), "verdict": self.verdict, **self.score.as_dict()}
+
+
+@dataclass
+class AuditReport:
+    geometry: CipherGeometry
+    codec: Codec
+    attacked: int
+    prior_images: int
+    rows: list[AttackRow] = field(default_factory=list)
+    picture: Path | None = None
+
+    @property
+    def verdict(self) -> str:
+        uploads_only = [r.verdict for r in self.rows if r.attack != "known plaintext"]
+        return max(uploads_only, key=VERDICTS.index) if uploads_only else "broken"
+
+    def as_dict(self) -> dict:
+        g = self.geometry
+        return {"geometry": {"size": g.height, "block": g.block, "scheme": g.scheme},
+                "codec": self.codec.__dict__, "attacked_images": self.attacked, "prior_images": self.prior_images,
+                "verdict": self.verdict, "thresholds": {"broken": BROKEN, "weak": WEAK},
+                "attacks": [r.as_dict() for r in self.rows],
+                "picture": str(self.picture) if self.picture else None}
+
+
+def verdict_of(score: Score) -> str:
+    values = {"key": score.key, "exact": score.exact_up_to_flip, "ssim": score.ssim}
+    for name, bar in (("broken", BROKEN), ("weak", WEAK)):
+        if any(values[k] >= bar[k] for k in bar):
+            return name
+    return "holds"
+
+
+def load_images(data: Path, size: int, limit: int) -> np.ndarray:
+    """Up to ``limit`` readable images of the folder, spread over its classes, at ``size``."""
+    scan = scan_image_folder(data)
+    step = max(1, len(scan.images) // limit)
+    picked = []
+    for item in scan.images[::step][:limit]:
+        try:
+            picked.append(load_rgb(item.path, size)[0])
+        except (BadImage, OSError):
+            continue
+    if len(picked) < MIN_ATTACKED + 2:
+        raise AuditError(f"{data}: {len(picked)} readable images; the audit needs at least {MIN_ATTACKED + 2}")
+    return np.stack(picked)
+
+
+def as_uploaded(cipher: BlockCipher, codec: Codec, images: np.ndarray) -> np.ndarray:
+    """Encrypt and pass through the stored codec, as an upload would."""
+    return np.stack([decode(codec.encode(e)) for e in cipher.encrypt(images)])
+
+
+def _timed(fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class AuditPlan:
+    counts: tuple[int, ...] = (30, 100, 1000)  # ciphertext-only: images the cloud holds (capped by the folder)
+    pairs: tuple[int, ...] = (1, 3)  # known plaintext: plain/encrypted pairs
+    per_image: int = 20  # images attacked one at a time (colour scheme)
+    limit: int = 1250  # images read from the folder (a fifth of them become the prior)
+
+
+def run_audit(data: Path, secret: bytes, geometry: CipherGeometry, codec: Codec, plan: AuditPlan = AuditPlan(),
+              picture: Path | None = None, prior_data: Path | None = None) -> AuditReport:
+    """Every attack on the owner's images under the owner's key; the table and (optionally) the PNG."""
+    images = load_images(data, geometry.height, plan.limit)
+    if prior_data is not None:
+        prior_images, attacked = load_images(prior_data, geometry.height, plan.limit), images
+    else:
+        held_out = np.arange(len(images)) % PRIOR_EVERY == PRIOR_EVERY - 1
+        prior_images, attacked = images[held_out], images[~held_out]
+    prior = NaturalImagePrior.from_images(prior_images)
+    cipher = BlockCipher(secret, geometry)
+    stored = as_uploaded(cipher, codec, attacked)
+    report = AuditReport(geometry, codec, len(attacked), len(prior_images))
+    reconstructions = {}
+    for m in plan.pairs:
+        if m < len(attacked):
+            estimate, seconds = _timed(known_plaintext_attack, attacked[:m], stored[:m], geometry)
+            report.rows.append(_row("known plaintext", m, estimate, cipher, stored[m:], attacked[m:], seconds))
+            reconstructions.setdefault("known plaintext", (estimate, m))
+    for n in sorted({min(c, len(attacked)) for c in plan.counts}):
+        estimate, seconds = _timed(ciphertext_only_attack, stored[:n], geometry, prior)
+        report.rows.append(_row("ciphertext only", n, estimate, cipher, stored[:n], attacked[:n], seconds))
+        reconstructions["ciphertext only"] = (estimate, 0)
+    if geometry.scheme == "color" and plan.per_image:
+        report.rows.append(_per_image_row(stored[:plan.per_image], attacked[:plan.per_image], cipher, prior))
+    if picture is not None:
+        write_picture(picture, attacked, stored, reconstructions, geometry)
+        report.picture = picture
+    return report
+
+
+def _row(attack: str, held: int, estimate, cipher: BlockCipher, stored: np.ndarray, plain: np.ndarray,
+         seconds: float) -> AttackRow:
+    score = score_attack(estimate, cipher.schedule, cipher.geometry, stored, plain)
+    return AttackRow(attack, held, len(plain), score, seconds, verdict_of(score))
+
+
+def _per_image_row(stored: np.ndarray, plain: np.ndarray, cipher: BlockCipher,
+                   prior: NaturalImagePrior) -> AttackRow:
+    estimates, seconds = _timed(per_image_attack, stored, cipher.geometry, prior)
+    scores = [score_attack(e, cipher.schedule, cipher.geometry, stored[i:i + 1], plain[i:i + 1])
+              for i, e in enumerate(estimates)]
+    mean = {k: float(np.mean([getattr(s, k) for s in scores])) for k in
+            ("key", "position", "orientation", "negate", "channels", "exact", "exact_up_to_flip", "ssim", "psnr")}
+    score = Score(**mean, mirrored=False)
+    return AttackRow("one image at a time", 1, len(plain), score, seconds / max(1, len(plain)), verdict_of(score))
+
+
+def write_picture(path: Path, plain: np.ndarray, stored: np.ndarray, reconstructions: dict,
+                  geometry: CipherGeometry, count: int = 6) -> None:
+    """One PNG, a row per image: plain | encrypted as uploaded | what each attack reconstructs."""
+    rows = []
+    for i in range(count, min(2 * count, len(plain))):  # past the known-plaintext pairs
+        shown = stored[i] if stored[i].ndim == 3 else np.repeat(stored[i][:, :, None], 3, axis=2)
+        tiles = [plain[i], shown]
+        for estimate, _ in reconstructions.values():
+            tiles.append(ScheduleCipher(estimate, geometry).decrypt(stored[i:i + 1])[0])
+        gap = np.full((plain.shape[1], 2, 3), 255, np.uint8)
+        rows.append(np.concatenate([t for tile in tiles for t in (tile, gap)], axis=1))
+        rows.append(np.full((2, rows[-1].shape[1], 3), 255, np.uint8))
+    img = Image.fromarray(np.concatenate(rows, axis=0))
+    scale = max(1, 96 // geometry.height)
+    img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST).save(path)
+
+
+def table_text(report: AuditReport) -> str:
+    """The human-readable table printed by ``owner-agent audit``."""
+    g = report.geometry
+    lines = [f"audit of {g.height}x{g.width} {g.scheme} EtC, {g.block}-pixel blocks, {report.codec.format} "
+             f"(q{report.codec.quality}): {report.attacked} images attacked, {report.prior_images} held out as "
+             "the attacker's prior",
+             f"{'attack':<22}{'images':>7}{'key':>7}{'pos':>7}{'orient':>7}{'neg':>7}{'chan':>7}{'exact':>7}"
+             f"{'exact~':>7}{'SSIM':>7}{'PSNR':>7}{'s':>8}  verdict"]
+    for r in report.rows:
+        s = r.score
+        ch = f"{s.channels:7.0%}" if s.channels is not None else f"{'-':>7}"
+        lines.append(f"{r.attack:<22}{r.images:>7}{s.key:7.0%}{s.position:7.0%}{s.orientation:7.0%}{s.negate:7.0%}"
+                     f"{ch}{s.exact:7.0%}{s.exact_up_to_flip:7.0%}{s.ssim:7.2f}{s.psnr:7.1f}{r.seconds:8.2f}  "
+                     f"{r.verdict}")
+    lines.append("key: blocks with every part of the schedule right (up to one mirror flip); exact: images decrypted "
+                 "as the key does (exact~: or as their mirror image); SSIM/PSNR: reconstruction vs plain")
+    lines.append(f"verdict (what a cloud can do with the uploads alone): {report.verdict}. Thresholds: broken "
+                 f"if key >= {BROKEN['key']:.0%} or exact~ >= {BROKEN['exact']:.0%} or SSIM >= {BROKEN['ssim']}; "
+                 f"weak if key >= {WEAK['key']:.0%} or exact~ >= {WEAK['exact']:.0%} or SSIM >= {WEAK['ssim']}")
+    return "\n".join(lines)
