@@ -21,13 +21,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from owners.attacks import jigsaw
-from owners.attacks.common import COMPOSE, INVERSE, ORDER_INVERSE, blocks_of, cipher_planes, make_schedule
-from owners.attacks.prior import COLOUR_BINS, NaturalImagePrior, colour_histogram, plane_histogram
-from owners.cipher import CHANNEL_ORDERS, NUM_TRANSFORMS, BlockSchedule, CipherGeometry, transform_block
+from owners.attacks.common import (
+    ALIGN_ROUNDS,
+    INVERSE,
+    ORDER_INVERSE,
+    blocks_of,
+    cipher_planes,
+    make_schedule,
+    standardised,
+)
+from owners.attacks.gray import gray_attack
+from owners.attacks.jigsaw import place
+from owners.attacks.prior import NaturalImagePrior, colour_histogram
+from owners.cipher import CHANNEL_ORDERS, NUM_TRANSFORMS, BlockSchedule, CipherGeometry
 
 MIN_POOLED = 8  # images needed for correlations across images to mean anything
-ALIGN_ROUNDS = 4
 HIST_PIXELS = 400_000  # pixels sampled for histogram decisions
 HYPOTHESES = [(neg, o) for neg in (0, 1) for o in range(len(CHANNEL_ORDERS))]
 
@@ -47,18 +55,13 @@ def _then(first: tuple[int, int], second: tuple[int, int]) -> tuple[int, int]:
     raise AssertionError("colour hypotheses are closed under composition")
 
 
-def _standardised(x: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance along axis 0 (the images)."""
-    return (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-6)
-
-
 def _colour_features(means: np.ndarray) -> np.ndarray:
     """(N, n, 3) block means -> (12 hypotheses, N, n, 4): brightness and 3 chroma, standardised."""
     out = []
     for h in HYPOTHESES:
         u = undo_colour(means, *h)
         lum = u.mean(axis=-1, keepdims=True)
-        out.append(_standardised(np.concatenate([lum, u - lum], axis=-1)))
+        out.append(standardised(np.concatenate([lum, u - lum], axis=-1)))
     return np.stack(out)
 
 
@@ -72,7 +75,7 @@ def relative_colour(means: np.ndarray) -> np.ndarray:
         fit = np.einsum("hkif,kf->hi", feats, template)
         choice = fit.argmax(axis=0)
         aligned = feats[choice, :, np.arange(feats.shape[2])]  # (n, N, 4)
-        template = _standardised(aligned.mean(axis=0))
+        template = standardised(aligned.mean(axis=0))
     return choice
 
 
@@ -104,39 +107,6 @@ def colour_steps(blocks: np.ndarray, prior: NaturalImagePrior) -> list[tuple[int
     return [HYPOTHESES[r] for r in relative]
 
 
-def mean_picture(mean_blocks: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Mean restored blocks (n, b, b, C) placed as ``grid`` says -> one (rows*b, cols*b, C) picture."""
-    rows = [np.concatenate([transform_block(mean_blocks[p // NUM_TRANSFORMS], p % NUM_TRANSFORMS) for p in row],
-                           axis=1) for row in grid]
-    return np.concatenate(rows, axis=0)
-
-
-def upright(grid: np.ndarray, mean_blocks: np.ndarray, prior_mean: np.ndarray,
-            recolour: list) -> tuple[np.ndarray, int]:
-    """Turn (and recolour) the solved puzzle the way its mean picture best matches the prior's mean
-    image (sky up, the light where it belongs): 8 turns x each whole-image colour choice."""
-    picture = mean_picture(mean_blocks, grid)
-    best, best_err, best_k = grid, np.inf, 0
-    for k, fix in enumerate(recolour):
-        coloured = fix(picture)
-        for g in range(NUM_TRANSFORMS):
-            turned = transform_block(coloured, g)
-            err = float(((turned - prior_mean) ** 2).sum()) if turned.shape == prior_mean.shape else np.inf
-            if err < best_err:
-                codes = COMPOSE[g][transform_block(grid, g) % NUM_TRANSFORMS]
-                best_err, best_k = err, k
-                best = transform_block(grid, g) // NUM_TRANSFORMS * NUM_TRANSFORMS + codes
-    return best, best_k
-
-
-def place(restored: np.ndarray, rows: int, cols: int, prior_mean: np.ndarray,
-          recolour: list | None = None) -> tuple[np.ndarray, int]:
-    """(N, n, b, b, C) restored blocks -> upright (rows, cols) grid of pieces, whole-image colour choice."""
-    lr, tb = jigsaw.dissimilarities(restored)
-    grid = jigsaw.solve(lr, tb, rows, cols)
-    return upright(grid, restored.mean(axis=0, dtype=np.float64), prior_mean, recolour or [lambda x: x])
-
-
 def colour_attack(encrypted: np.ndarray, geometry: CipherGeometry, prior: NaturalImagePrior) -> BlockSchedule:
     blocks = blocks_of(cipher_planes(encrypted), geometry.block)
     steps = colour_steps(blocks, prior)
@@ -159,9 +129,5 @@ def ciphertext_only_attack(encrypted: np.ndarray, geometry: CipherGeometry,
     """encrypted: N images of one key as stored (decoded) -> the estimated schedule."""
     if geometry.scheme == "color":
         return colour_attack(encrypted, geometry, prior)
-    from owners.attacks.gray import gray_attack
-
     return gray_attack(encrypted, geometry, prior)
 
-
-__all__ = ["ciphertext_only_attack", "plane_histogram", "COLOUR_BINS"]

@@ -102,3 +102,11 @@ def mirrored(schedule: BlockSchedule, geometry: CipherGeometry) -> BlockSchedule
     mirror = r * cols + plane * width_blocks + (width_blocks - 1 - inner)
     transform = COMPOSE[np.asarray(schedule.transform), FLIP_LR]
     return make_schedule(mirror, transform, schedule.negate, schedule.channel_order)
+
+
+ALIGN_ROUNDS = 4  # consensus rounds when aligning blocks to each other
+
+
+def standardised(x: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance along axis 0 (the images)."""
+    return (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-6)

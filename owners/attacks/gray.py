@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from owners.attacks.ciphertext_only import ALIGN_ROUNDS, _standardised, place
-from owners.attacks.common import INVERSE, blocks_of, cipher_planes, make_schedule
+from owners.attacks.common import ALIGN_ROUNDS, INVERSE, blocks_of, cipher_planes, make_schedule, standardised
+from owners.attacks.jigsaw import place
 from owners.attacks.prior import NaturalImagePrior, plane_histogram
 from owners.cipher import NUM_TRANSFORMS, BlockSchedule, CipherGeometry
 from owners.errors import OwnerError
@@ -26,7 +26,7 @@ def _signs(z: np.ndarray) -> np.ndarray:
     template = z[:, int(np.argmax(np.abs(z.T @ z).sum(axis=1)))]
     for _ in range(ALIGN_ROUNDS):
         sign = np.where(z.T @ template >= 0, 1, -1)
-        template = _standardised((z * sign).mean(axis=1))
+        template = standardised((z * sign).mean(axis=1))
     return sign
 
 
@@ -49,7 +49,7 @@ def _assign_planes(blocks: np.ndarray, prior: NaturalImagePrior) -> tuple[np.nda
     """(N, n, b, b) -> plane (0 Y, 1 Cb, 2 Cr) and negation per block."""
     n_img, n = blocks.shape[:2]
     texture = blocks.reshape(n_img, n, -1).std(axis=2).mean(axis=0)
-    z = _standardised(blocks.reshape(n_img, n, -1).mean(axis=2))
+    z = standardised(blocks.reshape(n_img, n, -1).mean(axis=2))
     luma = np.argsort(-texture)[: n // 3]
     chroma = np.setdiff1d(np.arange(n), luma)
     groups = [luma] + [chroma[_chroma_groups(z[:, chroma]) == k] for k in (0, 1)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from owners.attacks.common import COMPOSE
 from owners.cipher import NUM_TRANSFORMS, transform_block
 
 CHUNK = 64  # images per step when summing dissimilarities (bounds memory for large images)
@@ -130,3 +131,36 @@ def solve(lr: np.ndarray, tb: np.ndarray, rows: int, cols: int) -> np.ndarray:
         board.place(cell, piece)
         used[piece // NUM_TRANSFORMS] = True
     return board.trimmed()
+
+
+def mean_picture(mean_blocks: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Mean restored blocks (n, b, b, C) placed as ``grid`` says -> one (rows*b, cols*b, C) picture."""
+    rows = [np.concatenate([transform_block(mean_blocks[p // NUM_TRANSFORMS], p % NUM_TRANSFORMS) for p in row],
+                           axis=1) for row in grid]
+    return np.concatenate(rows, axis=0)
+
+
+def upright(grid: np.ndarray, mean_blocks: np.ndarray, prior_mean: np.ndarray,
+            recolour: list) -> tuple[np.ndarray, int]:
+    """Turn (and recolour) the solved puzzle the way its mean picture best matches the prior's mean
+    image (sky up, the light where it belongs): 8 turns x each whole-image colour choice."""
+    picture = mean_picture(mean_blocks, grid)
+    best, best_err, best_k = grid, np.inf, 0
+    for k, fix in enumerate(recolour):
+        coloured = fix(picture)
+        for g in range(NUM_TRANSFORMS):
+            turned = transform_block(coloured, g)
+            err = float(((turned - prior_mean) ** 2).sum()) if turned.shape == prior_mean.shape else np.inf
+            if err < best_err:
+                codes = COMPOSE[g][transform_block(grid, g) % NUM_TRANSFORMS]
+                best_err, best_k = err, k
+                best = transform_block(grid, g) // NUM_TRANSFORMS * NUM_TRANSFORMS + codes
+    return best, best_k
+
+
+def place(restored: np.ndarray, rows: int, cols: int, prior_mean: np.ndarray,
+          recolour: list | None = None) -> tuple[np.ndarray, int]:
+    """(N, n, b, b, C) restored blocks -> upright (rows, cols) grid of pieces, whole-image colour choice."""
+    lr, tb = dissimilarities(restored)
+    grid = solve(lr, tb, rows, cols)
+    return upright(grid, restored.mean(axis=0, dtype=np.float64), prior_mean, recolour or [lambda x: x])
