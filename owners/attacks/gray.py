@@ -13,12 +13,28 @@ from __future__ import annotations
 import numpy as np
 
 from owners.attacks.common import ALIGN_ROUNDS, INVERSE, blocks_of, cipher_planes, make_schedule, standardised
-from owners.attacks.jigsaw import place
+from owners.attacks.jigsaw import assemble, place, turned_grid
 from owners.attacks.prior import NaturalImagePrior, plane_histogram
 from owners.cipher import NUM_TRANSFORMS, BlockSchedule, CipherGeometry
 from owners.errors import OwnerError
 
 MIN_IMAGES = 8
+EDGE_IMAGES = 200  # images used to turn the chroma planes onto the luma plane
+
+
+def _edges(planes: np.ndarray) -> np.ndarray:
+    """(N, H, W) -> gradient magnitude, standardised per image."""
+    gy, gx = np.gradient(planes.astype(np.float32), axis=(1, 2))
+    mag = np.hypot(gx, gy).reshape(len(planes), -1)
+    return (mag - mag.mean(axis=1, keepdims=True)) / (mag.std(axis=1, keepdims=True) + 1e-6)
+
+
+def _onto_luma(grid: np.ndarray, blocks: np.ndarray, luma_edges: np.ndarray) -> np.ndarray:
+    """Turn a chroma plane's solved grid the way its edges best fall on the luma plane's edges
+    (colour boundaries are brightness boundaries): the chroma planes' own mirror ambiguity goes."""
+    scores = [float((_edges(assemble(blocks, turned_grid(grid, g))[..., 0]) * luma_edges).sum())
+              for g in range(NUM_TRANSFORMS)]
+    return turned_grid(grid, int(np.argmax(scores)))
 
 
 def _signs(z: np.ndarray) -> np.ndarray:
@@ -84,9 +100,15 @@ def gray_attack(encrypted: np.ndarray, geometry: CipherGeometry, prior: NaturalI
     rows = geometry.height // geometry.block
     n = geometry.num_blocks
     source, transform = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    luma_edges = None
     for k in range(3):
         members = np.flatnonzero(plane == k)
         grid, _ = place(restored[:, members], rows, side, prior.mean_planes[k][..., None])
+        sample = restored[:EDGE_IMAGES, members]
+        if luma_edges is None:
+            luma_edges = _edges(assemble(sample, grid)[..., 0])
+        else:
+            grid = _onto_luma(grid, sample, luma_edges)
         for pos, piece in enumerate(grid.reshape(-1)):
             block = members[piece // NUM_TRANSFORMS]
             r, c = divmod(pos, side)

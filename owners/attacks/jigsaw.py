@@ -152,10 +152,22 @@ def upright(grid: np.ndarray, mean_blocks: np.ndarray, prior_mean: np.ndarray,
             turned = transform_block(coloured, g)
             err = float(((turned - prior_mean) ** 2).sum()) if turned.shape == prior_mean.shape else np.inf
             if err < best_err:
-                codes = COMPOSE[g][transform_block(grid, g) % NUM_TRANSFORMS]
-                best_err, best_k = err, k
-                best = transform_block(grid, g) // NUM_TRANSFORMS * NUM_TRANSFORMS + codes
+                best, best_err, best_k = turned_grid(grid, g), err, k
     return best, best_k
+
+
+def turned_grid(grid: np.ndarray, g: int) -> np.ndarray:
+    """The grid of pieces that shows the whole picture turned by transform code ``g``."""
+    moved = transform_block(grid, g)
+    return moved // NUM_TRANSFORMS * NUM_TRANSFORMS + COMPOSE[g][moved % NUM_TRANSFORMS]
+
+
+def assemble(blocks: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """(N, n, b, b, C) restored blocks placed as ``grid`` says -> (N, rows*b, cols*b, C)."""
+    moved = blocks.transpose(2, 3, 0, 1, 4)  # block axes first: transform_block turns axes 0, 1
+    rows = [np.concatenate([transform_block(moved[:, :, :, p // NUM_TRANSFORMS], p % NUM_TRANSFORMS)
+                            for p in row], axis=1) for row in grid]
+    return np.concatenate(rows, axis=0).transpose(2, 0, 1, 3)
 
 
 def place(restored: np.ndarray, rows: int, cols: int, prior_mean: np.ndarray,
