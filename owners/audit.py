@@ -103,7 +103,8 @@ def load_images(data: Path, size: int, limit: int) -> np.ndarray:
             continue
     if len(picked) < MIN_ATTACKED + 2:
         raise AuditError(f"{data}: {len(picked)} readable images; the audit needs at least {MIN_ATTACKED + 2}")
-    return np.stack(picked)
+    # A fixed shuffle: the first N images (what an attack on N uploads sees) mix the classes.
+    return np.stack(picked)[np.random.default_rng(0).permutation(len(picked))]
 
 
 def as_uploaded(cipher: BlockCipher, codec: Codec, images: np.ndarray) -> np.ndarray:

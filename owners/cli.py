@@ -50,12 +50,44 @@ def _key_or_plain(args: argparse.Namespace, create: bool, what: str):
     return None if args.plain else _key(args.key, create=create)
 
 
-def _connection(args: argparse.Namespace, **extra) -> Connection:
-    return Connection(server=args.server, token=read_token(args.token_file),
-                      ca_file=Path(args.ca_file) if args.ca_file else None,
-                      client_cert=Path(args.client_cert) if args.client_cert else None,
-                      client_key=Path(args.client_key) if args.client_key else None,
-                      insecure=args.insecure, **extra)
+def _connection(args: argparse.Namespace, service: str = "ingest", **extra) -> Connection:
+    """From the flags; without --server, from the joined profile (flags still override its fields)."""
+    from owners.profile import Profile, load_profile
+
+    profile, token = (Profile(args.server, predict_server=args.server), None) if args.server else \
+        load_profile(args.profile)
+    if args.token_file or token is None:
+        token = read_token(args.token_file)
+
+    def path(flag: str | None, saved: str | None) -> Path | None:
+        return Path(flag or saved) if (flag or saved) else None
+
+    return Connection(server=profile.server_for(service), token=token, ca_file=path(args.ca_file, profile.ca_file),
+                      client_cert=path(args.client_cert, profile.client_cert),
+                      client_key=path(args.client_key, profile.client_key),
+                      insecure=args.insecure or profile.insecure, **extra)
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    """Check the server answers this token, then remember it as a profile."""
+    from owners.profile import Profile, save_profile
+    from owners.upload import IngestClient
+
+    def absolute(value: str | None) -> str | None:
+        return str(Path(value).resolve()) if value else None
+
+    conn = _connection(args, retries=1)
+    client = IngestClient(conn, log=_log)
+    try:
+        task = client.get_task()
+    finally:
+        client.close()
+    profile = Profile(conn.server, absolute(args.ca_file), absolute(args.client_cert), absolute(args.client_key),
+                      args.insecure, args.predict_server)
+    path = save_profile(args.profile, profile, conn.token)
+    _log(f"joined {conn.server} as owner {task.owner_id} (run {task.run_name}); profile {args.profile!r} saved in "
+         f"{path}. Now: owner-agent --key NAME --data DIR")
+    return 0
 
 
 def _log(msg: str) -> None:
@@ -113,9 +145,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from owners.predict import predict_federated, predict_images, write_results
 
     key = _key_or_plain(args, create=False, what="a plain model")
-    if bool(args.federated) == bool(args.server) or (args.federated and key is None):
-        raise SystemExit("owner-agent predict: give --server HOST:PORT (the cloud's model), or --federated "
-                         "STATE_DIR with your --key (a federated model, here)")
+    if args.federated and (args.server or key is None):
+        raise SystemExit("owner-agent predict: give --server HOST:PORT (the cloud's model; default: the joined "
+                         "profile's), or --federated STATE_DIR with your --key (a federated model, here)")
     if args.output and Path(args.output).suffix.lower() not in (".csv", ".json"):
         raise SystemExit(f"owner-agent predict: --output {args.output}: give a .csv or .json file name")
     progress = False if args.no_progress else None
@@ -123,7 +155,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         results = predict_federated(key, [Path(p) for p in args.images], Path(args.federated), top=args.top,
                                     progress=progress)
     else:
-        results = predict_images(key, [Path(p) for p in args.images], _connection(args), top=args.top,
+        results = predict_images(key, [Path(p) for p in args.images], _connection(args, "predict"), top=args.top,
                                  allow_weak_geometry=args.allow_weak_geometry, log=_log, progress=progress)
     if args.output:
         write_results(results, Path(args.output))
@@ -167,6 +199,22 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     key = _key(args.key, create=False) if args.key else None
     n = decrypt_folder(Path(args.shards), Path(args.out), key)
     _log(f"{n} images decrypted into {args.out}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from owners.audit import AuditPlan, run_audit, table_text
+
+    geometry = CipherGeometry(args.size, args.size, args.block or DEFAULT_BLOCK[args.scheme], args.scheme)
+    codec = Codec(args.format, args.quality, args.chroma)
+    counts = tuple(int(c) for c in args.images.split(","))
+    pairs = tuple(int(c) for c in args.pairs.split(","))
+    key = _key(args.key, create=False)
+    plan = AuditPlan(counts=counts, pairs=pairs, per_image=args.per_image, limit=args.limit)
+    report = run_audit(Path(args.data), key.secret, geometry, codec, plan, Path(args.out),
+                       Path(args.prior) if args.prior else None)
+    print(json.dumps(report.as_dict(), indent=1) if args.json else table_text(report))
+    _log(f"picture (plain | encrypted as uploaded | what each attack reconstructs) written to {args.out}")
     return 0
 
 
@@ -231,8 +279,9 @@ def _add_codec(p: argparse.ArgumentParser) -> None:
                    help="JPEG chroma subsampling of colour images (default 420)")
 
 
-def _add_connection(p: argparse.ArgumentParser, server_help: str, required: bool = True) -> None:
-    p.add_argument("--server", required=required, help=server_help)
+def _add_connection(p: argparse.ArgumentParser, server_help: str, required: bool = False) -> None:
+    p.add_argument("--server", required=required, help=server_help + " (default: the joined profile's)")
+    p.add_argument("--profile", default="default", help="the profile `owner-agent join` saved (default: default)")
     p.add_argument("--token-file", help="file holding your token (mode 0600); or set $OWNER_AGENT_TOKEN")
     p.add_argument("--ca-file", help="CA certificate (PEM) that signed the server's certificate")
     p.add_argument("--client-cert", help="your client certificate (PEM), for mutual TLS")
@@ -281,6 +330,20 @@ def _add_encrypt(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_weak_geometry(p)
     p.set_defaults(func=cmd_encrypt)
+
+
+def _add_join(sub) -> None:
+    p = sub.add_parser("join", help="check a cloud's ingest service and remember it (then: owner-agent --key K "
+                                    "--data D)")
+    p.add_argument("server", help="ingest service HOST:PORT")
+    p.add_argument("--token-file", help="file holding your token (mode 0600); or set $OWNER_AGENT_TOKEN")
+    p.add_argument("--ca-file", help="CA certificate (PEM) that signed the server's certificate")
+    p.add_argument("--client-cert", help="your client certificate (PEM), for mutual TLS")
+    p.add_argument("--client-key", help="your client certificate's private key (PEM)")
+    p.add_argument("--insecure", action="store_true", help="plaintext gRPC; only to a loopback address")
+    p.add_argument("--predict-server", help="the prediction service HOST:PORT (serve.listen), for predict")
+    p.add_argument("--profile", default="default", help="name to save it under (default: default)")
+    p.set_defaults(func=cmd_join)
 
 
 def _add_predict(sub) -> None:
@@ -333,6 +396,26 @@ def _add_local_tools(sub) -> None:
     p.set_defaults(func=cmd_preview)
 
 
+def _add_audit(sub) -> None:
+    p = sub.add_parser("audit", help="run the known attacks on your own images and key, here; verdict per attack")
+    p.add_argument("--key", required=True, help="key name or key file (never created here)")
+    p.add_argument("--data", required=True, help="your images, DIR/<class>/<image> (nothing is sent anywhere)")
+    p.add_argument("--out", default="audit.png", help="PNG: plain | encrypted as uploaded | each attack's "
+                                                      "reconstruction (default audit.png)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    p.add_argument("--images", default="30,100,1000", help="ciphertext-only: images the cloud holds, comma-separated "
+                                                           "(capped by the folder; default 30,100,1000)")
+    p.add_argument("--pairs", default="1,3", help="known plaintext: plain/encrypted pairs, comma-separated")
+    p.add_argument("--per-image", type=int, default=20, help="images attacked one at a time (colour; default 20)")
+    p.add_argument("--limit", type=int, default=1250, help="images read from --data; every fifth is held out as "
+                                                           "the attacker's prior (default 1250)")
+    p.add_argument("--prior", help="plain public images of the same kind as the attacker's prior (default: a "
+                                   "fifth of --data, held out)")
+    _add_geometry(p)
+    _add_codec(p)
+    p.set_defaults(func=cmd_audit)
+
+
 def _add_keys(sub) -> None:
     p = sub.add_parser("keygen", help="create a key in the keyring (random, or from a passphrase)")
     p.add_argument("name")
@@ -353,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"owner-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_upload, _add_encrypt, _add_predict, _add_federate, _add_local_tools, _add_keys):
+    for add in (_add_join, _add_upload, _add_encrypt, _add_predict, _add_federate, _add_local_tools, _add_audit,
+                _add_keys):
         add(sub)
     return parser
 

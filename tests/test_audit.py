@@ -1,0 +1,63 @@
+"""owner-agent audit: the attacks run on the owner's own images and key, a table, a verdict, a picture."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from owners.attacks.scoring import Score
+from owners.audit import AuditError, AuditPlan, run_audit, verdict_of
+from owners.cipher import CipherGeometry
+from owners.cli import main
+from protocol.codec import Codec
+
+SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cifar10-sample"
+
+
+def score(key=0.0, exact=0.0, ssim=0.0) -> Score:
+    return Score(key, key, key, key, key, exact, exact, ssim, 10.0, False)
+
+
+@pytest.mark.parametrize("values,verdict", [
+    ({}, "holds"), ({"key": 0.09, "exact": 0.04, "ssim": 0.29}, "holds"),
+    ({"key": 0.1}, "weak"), ({"exact": 0.05}, "weak"), ({"ssim": 0.3}, "weak"),
+    ({"key": 0.5}, "broken"), ({"exact": 0.5}, "broken"), ({"ssim": 0.6}, "broken"),
+])
+def test_verdict_thresholds_are_the_documented_ones(values, verdict):
+    assert verdict_of(score(**values)) == verdict
+
+
+def test_audit_breaks_the_default_geometry_and_draws_the_picture(tmp_path):
+    picture = tmp_path / "audit.png"
+    report = run_audit(SAMPLE / "train", bytes(range(32)), CipherGeometry(32, 32, 16, "color"), Codec(),
+                       AuditPlan(counts=(150,), pairs=(1,), per_image=3, limit=200), picture)
+    rows = {r.attack: r for r in report.rows}
+    assert report.attacked == 160 and report.prior_images == 40
+    assert rows["known plaintext"].score.key == 1.0 and rows["known plaintext"].verdict == "broken"
+    assert rows["ciphertext only"].images == 150 and rows["ciphertext only"].verdict == "broken"
+    assert "one image at a time" in rows and report.verdict == "broken"
+    with Image.open(picture) as img:  # 6 rows: plain | uploaded | known plaintext | ciphertext only
+        assert img.size == (4 * 34 * 3, 6 * 34 * 3)  # 32-pixel tiles and 2-pixel gaps, enlarged 3x
+
+
+def test_cli_audit_prints_json_and_never_creates_a_key(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OWNER_AGENT_HOME", str(tmp_path / "home"))
+    assert main(["audit", "--key", "nokey", "--data", str(SAMPLE / "test")]) == 1
+    assert "nokey" in capsys.readouterr().err
+    assert main(["keygen", "mine"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "a.png"
+    assert main(["audit", "--key", "mine", "--data", str(SAMPLE / "test"), "--out", str(out), "--json",
+                 "--images", "100", "--pairs", "1", "--per-image", "2", "--limit", "150"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["geometry"] == {"size": 32, "block": 16, "scheme": "color"}
+    assert doc["verdict"] == "broken" and out.exists()
+    assert [a["attack"] for a in doc["attacks"]] == ["known plaintext", "ciphertext only", "one image at a time"]
+
+
+def test_too_few_images_is_a_clear_error(tmp_path):
+    (tmp_path / "cat").mkdir()
+    with pytest.raises(AuditError, match="readable images"):
+        run_audit(tmp_path, bytes(32), CipherGeometry(32, 32, 16, "color"), Codec())
