@@ -50,7 +50,8 @@ def test_cli_audit_prints_json_and_never_creates_a_key(tmp_path, monkeypatch, ca
     capsys.readouterr()
     out = tmp_path / "a.png"
     assert main(["audit", "--key", "mine", "--data", str(SAMPLE / "test"), "--out", str(out), "--json",
-                 "--images", "100", "--pairs", "1", "--per-image", "2", "--limit", "150"]) == 0
+                 "--images", "100", "--pairs", "1", "--per-image", "2", "--limit", "150",
+                 "--prior", str(SAMPLE / "train")]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["geometry"] == {"size": 32, "block": 16, "scheme": "color"}
     assert doc["verdict"] == "broken" and out.exists()
