@@ -100,24 +100,60 @@ class CipherGeometry:
 MIN_BLOCKS = 4  # fewer blocks: refused unless the owner insists (--allow-weak-geometry)
 WARN_BELOW_BITS = 128  # a key space below this gets a warning on every use
 
+# What the product's own ciphertext-only attack (owners/attacks, `owner-agent audit`) did to one
+# owner's uploads under one key, measured by benchmarks/privacy_audit.py (docs/privacy.md):
+# (scheme, size, block) -> (encrypted images the cloud held, fraction of the key recovered,
+# fraction of those images reconstructed exactly up to a mirror flip, SSIM of the
+# reconstructions), at the fewest images measured, all `broken`. A geometry not listed is not
+# measured: an attack that is not measured is assumed to succeed.
+MEASURED_BREAKS = {
+    ("color", 32, 16): (30, 1.00, 1.00, 0.98),
+    ("color", 32, 8): (30, 1.00, 1.00, 0.95),
+    ("gray", 32, 8): (30, 0.88, 0.00, 0.96),
+    ("color", 64, 16): (30, 1.00, 1.00, 0.97),
+    ("gray", 64, 8): (30, 0.55, 0.00, 0.83),
+}
+PRIVACY_DOC = "docs/privacy.md"
+
 
 class WeakGeometry(OwnerError):
     """The geometry leaves too few blocks to hide anything; the owner must opt in explicitly."""
 
 
-def strength_warning(geometry: CipherGeometry, allow_weak: bool = False) -> str | None:
-    """Refuse a geometry of fewer than MIN_BLOCKS blocks (unless ``allow_weak``); return a warning
-    for a key space under WARN_BELOW_BITS bits, None when there is nothing to say."""
+def privacy_verdict(geometry: CipherGeometry) -> tuple[str, str]:
+    """The audit's verdict for a geometry (``broken``, ``weak`` or ``holds``) and why, in one
+    sentence with the measured numbers; the same words everywhere the verdict is shown."""
     g = geometry
+    name = f"{g.height}x{g.width} {g.scheme} EtC in {g.block}-pixel blocks"
+    measured = MEASURED_BREAKS.get((g.scheme, g.height, g.block)) if g.height == g.width else None
+    if g.num_blocks < MIN_BLOCKS:
+        why = (f"{name} makes {g.num_blocks} block(s): {round(2 ** g.key_space_bits)} ways to encrypt an image, "
+               "each of which can simply be tried, one image at a time")
+    elif measured:
+        n, key, exact, ssim = measured
+        why = (f"{name}: from {n} encrypted images of one key, the ciphertext-only attack of `owner-agent audit` "
+               f"recovered {key:.0%} of the key; its reconstructions reach SSIM {ssim:.2f}, {exact:.0%} of them "
+               "exact up to a mirror flip")
+    else:
+        why = f"{name} is not measured, and an attack that is not measured is assumed to succeed"
+    return "broken", (f"PRIVACY VERDICT: broken. {why} ({PRIVACY_DOC}). This encryption hides images from a person "
+                      "glancing at the uploads, not from a cloud that runs the published attacks; run `owner-agent "
+                      "audit` on your own images, or keep them here with `owner-agent federate`")
+
+
+def strength_warning(geometry: CipherGeometry, allow_weak: bool = False) -> str | None:
+    """Refuse a geometry that one image at a time already breaks (fewer than MIN_BLOCKS blocks)
+    unless ``allow_weak``; otherwise return the audit's verdict, shown before anything is sent.
+
+    Settings the pooled attack breaks (every geometry measured, given enough images under one key)
+    are shown the verdict, not refused: the owner decides with the numbers in front of it.
+    """
+    g = geometry
+    verdict, text = privacy_verdict(g)
     if g.num_blocks < MIN_BLOCKS and not allow_weak:
-        raise WeakGeometry(f"{g.height}x{g.width} images in {g.block}-pixel blocks make {g.num_blocks} block(s): "
-                           f"{round(2 ** g.key_space_bits)} ways to encrypt an image, "
-                           "each of which can simply be tried. Refused; pass --allow-weak-geometry to accept it")
-    if g.key_space_bits < WARN_BELOW_BITS:
-        return (f"WARNING: {g.height}x{g.width} {g.scheme} EtC in {g.block}-pixel blocks has a key space of "
-                f"2^{g.key_space_bits:.0f} (< 2^{WARN_BELOW_BITS}); images keep their block contents and one owner's "
-                "images together reveal the key far faster than that (docs/design.md, section 6)")
-    return None
+        raise WeakGeometry(f"{text}. Refused; pass --allow-weak-geometry to accept that each image can be "
+                           "decrypted without the key")
+    return text if verdict != "holds" else None
 
 
 @dataclass(frozen=True)

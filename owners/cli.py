@@ -291,8 +291,8 @@ def _add_connection(p: argparse.ArgumentParser, server_help: str, required: bool
 
 def _add_weak_geometry(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-weak-geometry", action="store_true",
-                   help="accept a geometry of fewer than 4 blocks (each image then has so few possible "
-                        "encryptions that they can all be tried)")
+                   help="accept a geometry of fewer than 4 blocks, which one image at a time breaks: each image has "
+                        "so few possible encryptions that they can all be tried (privacy verdict: broken)")
 
 
 def _add_upload(sub) -> None:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from owners.attacks.scoring import Score
 from owners.audit import AuditError, AuditPlan, run_audit, verdict_of
-from owners.cipher import CipherGeometry
+from owners.cipher import MEASURED_BREAKS, CipherGeometry, privacy_verdict
 from owners.cli import main
 from protocol.codec import Codec
 
@@ -62,3 +62,34 @@ def test_too_few_images_is_a_clear_error(tmp_path):
     (tmp_path / "cat").mkdir()
     with pytest.raises(AuditError, match="readable images"):
         run_audit(tmp_path, bytes(32), CipherGeometry(32, 32, 16, "color"), Codec())
+
+
+@pytest.mark.parametrize("spec", sorted(MEASURED_BREAKS))
+def test_every_measured_geometry_is_broken_by_the_audits_own_thresholds(spec):
+    scheme, size, block = spec
+    images, key, exact, ssim = MEASURED_BREAKS[spec]
+    assert verdict_of(score(key=key, exact=exact, ssim=ssim)) == "broken"
+    verdict, text = privacy_verdict(CipherGeometry(size, size, block, scheme))
+    assert verdict == "broken" and f"from {images} encrypted images" in text and f"{key:.0%} of the key" in text
+
+
+def test_an_unmeasured_geometry_is_assumed_broken():
+    verdict, text = privacy_verdict(CipherGeometry(48, 48, 16, "color"))
+    assert verdict == "broken" and "not measured" in text
+
+
+def test_encrypt_shows_the_verdict_and_refuses_what_one_image_breaks(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OWNER_AGENT_HOME", str(tmp_path / "home"))
+    data = tmp_path / "data" / "cat"
+    data.mkdir(parents=True)
+    for name in sorted((SAMPLE / "test" / "cat").iterdir())[:3]:
+        (data / name.name).write_bytes(name.read_bytes())
+    base = ["encrypt", "--key", "k", "--data", str(tmp_path / "data"), "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "o1")]) == 0
+    err = capsys.readouterr().err
+    assert "PRIVACY VERDICT: broken. 32x32 color EtC in 16-pixel blocks: from 30 encrypted images" in err
+    assert err.index("PRIVACY VERDICT") < err.index("outbox ready")
+    assert main([*base, "--out", str(tmp_path / "o2"), "--block", "32"]) == 1
+    assert "Refused; pass --allow-weak-geometry" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+    assert main([*base, "--out", str(tmp_path / "o3"), "--block", "32", "--allow-weak-geometry"]) == 0
+    assert "1 block(s): 96 ways to encrypt an image" in capsys.readouterr().err
