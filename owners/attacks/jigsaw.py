@@ -38,10 +38,11 @@ def _pair_cost(near_a, far_a, near_c, far_c) -> np.ndarray:
     return d
 
 
-def dissimilarities(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def dissimilarities(blocks: np.ndarray, variants: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """blocks: (N, n, b, b, C) restored-colour blocks -> (LR, TB), each (8n, 8n) float64:
     LR[a, c] for piece a left of piece c, TB[a, c] for a above c; summed over the N images
-    (mean per border pixel). Pieces of the same block never touch (infinite)."""
+    (mean per border pixel). Pieces of the same block never touch (infinite); with ``variants``
+    > 1, each run of that many consecutive blocks is one block in several colourings."""
     n_img, n, b, _, ch = blocks.shape
     table = _strip_index(b)
     pieces = n * NUM_TRANSFORMS
@@ -54,7 +55,8 @@ def dissimilarities(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         s = {name: strips[:, i] for i, name in enumerate(STRIPS)}
         lr += _pair_cost(s["right"], s["right2"], s["left"], s["left2"])
         tb += _pair_cost(s["bottom"], s["bottom2"], s["top"], s["top2"])
-    same = np.arange(pieces)[:, None] // NUM_TRANSFORMS == np.arange(pieces)[None, :] // NUM_TRANSFORMS
+    per = NUM_TRANSFORMS * variants
+    same = np.arange(pieces)[:, None] // per == np.arange(pieces)[None, :] // per
     scale = max(1, n_img * b * ch)
     return np.where(same, np.inf, lr / scale), np.where(same, np.inf, tb / scale)
 
@@ -104,12 +106,14 @@ def _cell_cost(board: _Board, cell: tuple[int, int], lr: np.ndarray, tb: np.ndar
     return np.mean(costs, axis=0)
 
 
-def solve(lr: np.ndarray, tb: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Greedy placement -> (rows, cols) array of pieces (8 * block + restoring code).
+def solve(lr: np.ndarray, tb: np.ndarray, rows: int, cols: int, variants: int = 1) -> np.ndarray:
+    """Greedy placement -> (rows, cols) array of pieces (8 * block + restoring code; ``variants``
+    as in :func:`dissimilarities`, one of each run of blocks is placed).
 
     The result is right up to a rotation/flip of the whole puzzle (the caller decides which with
     a prior) and, for a square puzzle, may come out as (cols, rows)."""
-    n = lr.shape[0] // NUM_TRANSFORMS
+    per = NUM_TRANSFORMS * variants
+    n = lr.shape[0] // per
     board = _Board(rows, cols)
     if n == 1:
         return np.zeros((1, 1), np.int64)
@@ -117,19 +121,19 @@ def solve(lr: np.ndarray, tb: np.ndarray, rows: int, cols: int) -> np.ndarray:
     board.place((rows, cols), int(first))
     board.place((rows, cols + 1) if cols > 1 else (rows + 1, cols), int(second))
     used = np.zeros(n, bool)
-    used[[first // NUM_TRANSFORMS, second // NUM_TRANSFORMS]] = True
+    used[[first // per, second // per]] = True
     for _ in range(n - 2):
         best = None
         for cell in board.frontier():
-            cost = np.where(np.repeat(used, NUM_TRANSFORMS), np.inf, _cell_cost(board, cell, lr, tb))
-            per_block = cost.reshape(n, NUM_TRANSFORMS).min(axis=1)
+            cost = np.where(np.repeat(used, per), np.inf, _cell_cost(board, cell, lr, tb))
+            per_block = cost.reshape(n, per).min(axis=1)
             two = np.partition(per_block, 1)[:2] if (~used).sum() > 1 else np.array([per_block.min(), np.inf])
             confidence = two[0] / (two[1] + 1e-9) if np.isfinite(two[1]) else 0.0
             if best is None or confidence < best[0]:
                 best = (confidence, cell, int(np.argmin(cost)))
         _, cell, piece = best
         board.place(cell, piece)
-        used[piece // NUM_TRANSFORMS] = True
+        used[piece // per] = True
     return board.trimmed()
 
 
@@ -171,8 +175,8 @@ def assemble(blocks: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 
 def place(restored: np.ndarray, rows: int, cols: int, prior_mean: np.ndarray,
-          recolour: list | None = None) -> tuple[np.ndarray, int]:
+          recolour: list | None = None, variants: int = 1) -> tuple[np.ndarray, int]:
     """(N, n, b, b, C) restored blocks -> upright (rows, cols) grid of pieces, whole-image colour choice."""
-    lr, tb = dissimilarities(restored)
-    grid = solve(lr, tb, rows, cols)
+    lr, tb = dissimilarities(restored, variants)
+    grid = solve(lr, tb, rows, cols, variants)
     return upright(grid, restored.mean(axis=0, dtype=np.float64), prior_mean, recolour or [lambda x: x])
