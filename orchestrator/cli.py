@@ -22,6 +22,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.config}: valid. run {cfg.name!r}, strategy {cfg.training.strategy}, "
           f"{len(cfg.ingest.owners)} owner(s), task:", file=sys.stderr)
     print(json.dumps(dataclasses.asdict(cfg.task), indent=1))
+    from orchestrator.config import privacy_warning  # the owners' verdict on this task's cipher, same words
+
+    warning = privacy_warning(cfg.task)
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
 
 

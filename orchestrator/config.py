@@ -6,6 +6,7 @@ an integer, got 'ten'``. Defaults live here, in the dataclasses, and nowhere els
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -322,7 +323,19 @@ def _validate_federated(cfg: ClusterConfig) -> None:
     fed, tr = cfg.federated, cfg.training
     _check_listen(fed.listen, "federated.listen")
     if tr.strategy != "federated":
+        if fed.secure_aggregation:
+            raise ConfigError(f"federated.secure_aggregation: only for training.strategy 'federated' (not "
+                              f"{tr.strategy!r}, which trains in the cloud on the owners' uploads)")
         return
+    if fed.secure_aggregation:
+        from mlcore.federated import SECURE_SUM  # torch: only for a config that asks for it
+
+        low, high = SECURE_SUM.min_owners, SECURE_SUM.max_owners
+        if not low <= fed.min_owners <= high:
+            raise ConfigError(f"federated.min_owners: {fed.min_owners} is outside [{low}, {high}], the owners per "
+                              "round with which secure aggregation (federated.secure_aggregation, Flower's SecAgg+) "
+                              "works: the sum of one owner's update is that update; with 3 or more a round survives "
+                              "one owner dropping out")
     if tr.epochs % fed.local_epochs:
         raise ConfigError(f"federated.local_epochs ({fed.local_epochs}) must divide training.epochs ({tr.epochs}): "
                           "rounds x local epochs is the budget")
@@ -386,3 +399,39 @@ def load_dataclass(cls: type, path: Path | str):
         raise ConfigError(f"{path.name}: not valid YAML: {exc}") from None
     except ConfigError as exc:
         raise ConfigError(f"{path.name}: {exc}") from None
+
+
+# The owners' privacy verdict (owner-agent shows it before anything is sent; owners/cipher.py,
+# privacy_verdict), repeated here for the operator in the same words: the cloud side never
+# imports the owner side. tests/test_audit.py checks that both say the same for every geometry.
+PRIVACY_MEASURED = {  # (scheme, size, block) -> (images, key recovered, exact up to a flip, SSIM)
+    ("color", 32, 16): (30, 1.00, 1.00, 0.98),
+    ("color", 32, 8): (30, 1.00, 1.00, 0.95),
+    ("gray", 32, 8): (30, 0.88, 0.00, 0.96),
+    ("color", 64, 16): (30, 1.00, 1.00, 0.97),
+    ("gray", 64, 8): (30, 0.55, 0.00, 0.83),
+}
+
+
+def privacy_warning(task: Task) -> str | None:
+    """The audit's verdict for the task's cipher geometry, for `orchestrator check`; None for plain tasks."""
+    if not task.encrypted:
+        return None
+    size, block, scheme = task.image_size, task.block_size, task.scheme
+    name = f"{size}x{size} {scheme} EtC in {block}-pixel blocks"
+    blocks = (size // block) * (size * (1 if scheme == "color" else 3) // block)
+    measured = PRIVACY_MEASURED.get((scheme, size, block))
+    if blocks < 4:
+        ways = math.factorial(blocks) * (8 * 2 * (6 if scheme == "color" else 1)) ** blocks
+        why = f"{name} makes {blocks} block(s): {ways} ways to encrypt an image, each of which can simply be tried, " \
+              "one image at a time"
+    elif measured:
+        n, key, exact, ssim = measured
+        why = (f"{name}: from {n} encrypted images of one key, the ciphertext-only attack of `owner-agent audit` "
+               f"recovered {key:.0%} of the key; its reconstructions reach SSIM {ssim:.2f}, {exact:.0%} of them "
+               "exact up to a mirror flip")
+    else:
+        why = f"{name} is not measured, and an attack that is not measured is assumed to succeed"
+    return (f"PRIVACY VERDICT: broken. {why} (docs/privacy.md). This encryption hides images from a person "
+            "glancing at the uploads, not from a cloud that runs the published attacks; run `owner-agent "
+            "audit` on your own images, or keep them here with `owner-agent federate`")

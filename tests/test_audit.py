@@ -7,11 +7,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from orchestrator.cli import main as orchestrator_main
+from orchestrator.config import PRIVACY_MEASURED, privacy_warning
 from owners.attacks.scoring import Score
 from owners.audit import AuditError, AuditPlan, run_audit, verdict_of
 from owners.cipher import MEASURED_BREAKS, CipherGeometry, privacy_verdict
 from owners.cli import main
 from protocol.codec import Codec
+from protocol.task import Task
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cifar10-sample"
 
@@ -93,3 +96,18 @@ def test_encrypt_shows_the_verdict_and_refuses_what_one_image_breaks(tmp_path, m
     assert "Refused; pass --allow-weak-geometry" in capsys.readouterr().err and not (tmp_path / "o2").exists()
     assert main([*base, "--out", str(tmp_path / "o3"), "--block", "32", "--allow-weak-geometry"]) == 0
     assert "1 block(s): 96 ways to encrypt an image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size,block,scheme", [*[(s, b, sc) for sc, s, b in sorted(MEASURED_BREAKS)], (48, 16, "color"),
+                                               (32, 32, "color"), (16, 8, "gray"), (224, 16, "color")])
+def test_orchestrator_check_warns_the_operator_in_the_owners_words(size, block, scheme):
+    task = Task(("a", "b"), size, block, scheme)
+    assert PRIVACY_MEASURED == MEASURED_BREAKS
+    assert privacy_warning(task) == privacy_verdict(CipherGeometry(size, size, block, scheme))[1]
+    assert privacy_warning(Task(("a", "b"), size, block, "plain")) is None
+
+
+def test_orchestrator_check_prints_the_verdict(capsys):
+    config = Path(__file__).resolve().parents[1] / "deploy" / "local-cpu.yaml"
+    assert orchestrator_main(["check", str(config)]) == 0
+    assert "PRIVACY VERDICT: broken. 32x32 color EtC in 16-pixel blocks" in capsys.readouterr().err
