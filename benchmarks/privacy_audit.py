@@ -31,7 +31,7 @@ from owners.cipher import BlockCipher, CipherGeometry
 from owners.images import load_rgb, scan_image_folder
 from protocol.codec import Codec
 
-FIELDS = ("key", "exact", "exact_up_to_flip", "ssim", "psnr")
+FIELDS = ("key", "arrangement", "exact", "exact_up_to_flip", "ssim", "psnr")
 
 
 def load(items, size: int) -> np.ndarray:
@@ -47,7 +47,8 @@ def measure(attack, geometry: CipherGeometry, codec: Codec, plain: np.ndarray, k
         start = time.process_time()
         scores = attack(stored, cipher)
         seconds = time.process_time() - start
-        run = {f: float(np.mean([getattr(s, f) for s in scores])) for f in FIELDS}
+        run = {f: float(np.mean([np.nan if getattr(s, f) is None else getattr(s, f) for s in scores]))
+               for f in FIELDS}
         runs.append({**run, "cpu_s": seconds, "verdict": verdict_of(SimpleNamespace(**run))})
     mean = {f: float(np.mean([r[f] for r in runs])) for f in (*FIELDS, "cpu_s")}
     mean["verdict"] = max((r["verdict"] for r in runs), key=("holds", "weak", "broken").index)  # the worst key
@@ -78,7 +79,8 @@ def one_at_a_time(prior: NaturalImagePrior, plain: np.ndarray):
 
 def row(name: str, geometry: CipherGeometry, codec: Codec, held: str, m: dict) -> list:
     g = geometry
-    return [name, f"{g.scheme} {g.height}x{g.width} /{g.block}", codec.format, held, f"{m['key']:.0%}",
+    arrangement = "-" if np.isnan(m["arrangement"]) else f"{m['arrangement']:.0%}"
+    return [name, f"{g.scheme} {g.height}x{g.width} /{g.block}", codec.format, held, f"{m['key']:.0%}", arrangement,
             f"{m['exact']:.0%}", f"{m['exact_up_to_flip']:.0%}", f"{m['ssim']:.2f}", f"{m['psnr']:.1f}",
             f"{m['cpu_s']:.2f}", m["verdict"]]
 
@@ -98,10 +100,10 @@ def geometry_rows(geometry: CipherGeometry, args, prior_items, attack_items) -> 
     plain = load(attack_items[:max(counts)], geometry.height)
     prior = NaturalImagePrior.from_images(load(prior_items, geometry.height))
     rows = []
-    for m in (int(p) for p in args.pairs.split(",")):
+    for m in (int(p) for p in args.pairs.split(",") if p):
         result = measure(known_plaintext(m, plain[:m + 50]), geometry, codec, plain[:m + 50], args.keys)
         rows.append(row("known plaintext", geometry, codec, f"{m} pair(s)", result))
-    for n in counts:
+    for n in counts if args.ciphertext_only else []:
         result = measure(ciphertext_only(prior, plain[:n]), geometry, codec, plain[:n], args.keys)
         rows.append(row("ciphertext only", geometry, codec, str(n), result))
     if geometry.scheme == "color" and args.per_image:
@@ -120,7 +122,9 @@ def main() -> None:
                                                 "color:224:16,gray:224:8", help="scheme:size:block,...")
     parser.add_argument("--counts", default="30,100,1000", help="images the cloud holds (sizes <= 64)")
     parser.add_argument("--counts-large", default="100,500", help="images the cloud holds (larger sizes)")
-    parser.add_argument("--pairs", default="1,3", help="known-plaintext pairs")
+    parser.add_argument("--pairs", default="1,3", help="known-plaintext pairs ('' for none)")
+    parser.add_argument("--no-ciphertext-only", dest="ciphertext_only", action="store_false",
+                        help="skip the ciphertext-only attack (e.g. to measure one image at a time alone)")
     parser.add_argument("--per-image", type=int, default=20, help="images attacked one at a time (colour)")
     parser.add_argument("--keys", type=int, default=3, help="fresh random keys per measurement")
     parser.add_argument("--prior-images", type=int, default=2000, help="public prior: CIFAR-10 images not attacked")
@@ -134,11 +138,13 @@ def main() -> None:
     rows = []
     for geometry in parse_geometries(args.geometries):
         rows += geometry_rows(geometry, args, prior_items, attack_items)
-    header = ["attack", "geometry", "codec", "images the cloud holds", "key recovered", "images exact",
+    header = ["attack", "geometry", "codec", "images the cloud holds", "key recovered", "layout up to a turn",
+              "images exact",
               "exact up to a flip", "SSIM", "PSNR dB", "CPU s", "verdict"]
     notes = [f"means over {args.keys} random keys; attacked images are CIFAR-10 train images disjoint from the "
              f"{args.prior_images}-image public prior; key recovered = blocks with position, orientation, "
-             "negation (and channel order) all right, up to one whole-image mirror flip; CPU s = process CPU time "
+             "negation (and channel order) all right, up to one whole-image mirror flip; layout up to a turn = blocks "
+             "placed right up to one turn/flip of the whole image (square grids); CPU s = process CPU time "
              "of the attack alone (2 shared cores)"]
     report("Privacy audit: the product's attacks per geometry", header, rows, notes, args.json)
 

@@ -169,7 +169,8 @@ def _per_image_row(stored: np.ndarray, plain: np.ndarray, cipher: BlockCipher,
     scores = [score_attack(e, cipher.schedule, cipher.geometry, stored[i:i + 1], plain[i:i + 1])
               for i, e in enumerate(estimates)]
     mean = {k: float(np.mean([getattr(s, k) for s in scores])) for k in
-            ("key", "position", "orientation", "negate", "channels", "exact", "exact_up_to_flip", "ssim", "psnr")}
+            ("key", "position", "orientation", "negate", "channels", "exact", "exact_up_to_flip", "ssim", "psnr",
+             "arrangement")}
     score = Score(**mean, mirrored=False)
     return AttackRow("one image at a time", 1, len(plain), score, seconds / max(1, len(plain)), verdict_of(score))
 
@@ -197,16 +198,18 @@ def table_text(report: AuditReport) -> str:
     lines = [f"audit of {g.height}x{g.width} {g.scheme} EtC, {g.block}-pixel blocks, {report.codec.format} "
              f"(q{report.codec.quality}): {report.attacked} images attacked, {report.prior_images} held out as "
              "the attacker's prior",
-             f"{'attack':<22}{'images':>7}{'key':>7}{'pos':>7}{'orient':>7}{'neg':>7}{'chan':>7}{'exact':>7}"
-             f"{'exact~':>7}{'SSIM':>7}{'PSNR':>7}{'s':>8}  verdict"]
+             f"{'attack':<22}{'images':>7}{'key':>7}{'pos':>7}{'arr~':>7}{'orient':>7}{'neg':>7}{'chan':>7}"
+             f"{'exact':>7}{'exact~':>7}{'SSIM':>7}{'PSNR':>7}{'s':>8}  verdict"]
     for r in report.rows:
         s = r.score
         ch = f"{s.channels:7.0%}" if s.channels is not None else f"{'-':>7}"
-        lines.append(f"{r.attack:<22}{r.images:>7}{s.key:7.0%}{s.position:7.0%}{s.orientation:7.0%}{s.negate:7.0%}"
-                     f"{ch}{s.exact:7.0%}{s.exact_up_to_flip:7.0%}{s.ssim:7.2f}{s.psnr:7.1f}{r.seconds:8.2f}  "
-                     f"{r.verdict}")
-    lines.append("key: blocks with every part of the schedule right (up to one mirror flip); exact: images decrypted "
-                 "as the key does (exact~: or as their mirror image); SSIM/PSNR: reconstruction vs plain")
+        arr = f"{s.arrangement:7.0%}" if s.arrangement is not None else f"{'-':>7}"
+        lines.append(f"{r.attack:<22}{r.images:>7}{s.key:7.0%}{s.position:7.0%}{arr}{s.orientation:7.0%}"
+                     f"{s.negate:7.0%}{ch}{s.exact:7.0%}{s.exact_up_to_flip:7.0%}{s.ssim:7.2f}{s.psnr:7.1f}"
+                     f"{r.seconds:8.2f}  {r.verdict}")
+    lines.append("key: blocks with every part of the schedule right (up to one mirror flip); arr~: blocks in place up "
+                 "to a turn of the whole image; exact: images decrypted as the key does (exact~: or as their mirror "
+                 "image); SSIM/PSNR: reconstruction vs plain")
     lines.append(f"verdict (what a cloud can do with the uploads alone): {report.verdict}. Thresholds: broken "
                  f"if key >= {BROKEN['key']:.0%} or exact~ >= {BROKEN['exact']:.0%} or SSIM >= {BROKEN['ssim']}; "
                  f"weak if key >= {WEAK['key']:.0%} or exact~ >= {WEAK['exact']:.0%} or SSIM >= {WEAK['ssim']}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from owners.attacks.common import ScheduleCipher, mirrored
-from owners.cipher import BlockSchedule, CipherGeometry
+from owners.cipher import NUM_TRANSFORMS, BlockSchedule, CipherGeometry, transform_block
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class Score:
     ssim: float  # mean over the scored images, reconstruction vs plain (mirrored plain if mirrored)
     psnr: float  # dB, mean over the scored images (likewise)
     mirrored: bool  # the key was recovered as the mirror image's key
+    arrangement: float | None = None  # blocks in the right place up to one turn/flip of the whole
+    # image (square grids): how much of the picture's layout is recovered when its orientation is not
 
     def as_dict(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -66,7 +68,21 @@ def score_attack(estimate: BlockSchedule, truth: BlockSchedule, geometry: Cipher
     target = plain[:, :, ::-1] if use_flip else plain
     return Score(parts["key"], parts["position"], parts["orientation"], parts["negate"], parts["channels"],
                  float(exact.mean()), float(flip_exact.mean()), float(ssim(guess, target).mean()),
-                 float(psnr(guess, target).mean()), bool(use_flip))
+                 float(psnr(guess, target).mean()), bool(use_flip), arrangement(estimate, truth, geometry))
+
+
+def arrangement(estimate: BlockSchedule, truth: BlockSchedule, geometry: CipherGeometry) -> float | None:
+    """Fraction of blocks placed right up to the best of the 8 turns/flips of the whole image
+    (None where the block grid is not square: the gray scheme's three planes side by side)."""
+    rows, cols = geometry.grid
+    if rows != cols:
+        return None
+    grid = np.arange(rows * cols).reshape(rows, cols)
+    best = 0.0
+    for code in range(NUM_TRANSFORMS):
+        new_position = np.argsort(transform_block(grid, code).reshape(-1))  # old position -> new position
+        best = max(best, float(np.mean(new_position[truth.source] == estimate.source)))
+    return best
 
 
 def _identical(a: np.ndarray, b: np.ndarray) -> np.ndarray:
