@@ -46,7 +46,7 @@ def undo_colour(x: np.ndarray, negate: int, order: int) -> np.ndarray:
     return x[..., list(CHANNEL_ORDERS[ORDER_INVERSE[order]])]
 
 
-def _then(first: tuple[int, int], second: tuple[int, int]) -> tuple[int, int]:
+def then_colour(first: tuple[int, int], second: tuple[int, int]) -> tuple[int, int]:
     """The (negate, order) whose undo equals undoing ``first`` and then ``second``."""
     probe = undo_colour(undo_colour(np.array([0.0, 1.0, 2.0]), *first), *second)
     for h in HYPOTHESES:
@@ -114,7 +114,7 @@ def colour_attack(encrypted: np.ndarray, geometry: CipherGeometry, prior: Natura
     rows, cols = geometry.grid
     overall = HYPOTHESES if len(blocks) >= MIN_POOLED else [(0, 0)]
     grid, k = place(restored, rows, cols, prior.mean_image, [lambda x, h=h: undo_colour(x, *h) for h in overall])
-    steps = [_then(step, overall[k]) for step in steps]
+    steps = [then_colour(step, overall[k]) for step in steps]
     n = geometry.num_blocks
     source, transform = np.zeros(n, np.int64), np.zeros(n, np.int64)
     for pos, piece in enumerate(grid.reshape(-1)):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from owners.attacks.ciphertext_only import HYPOTHESES, _then, colour_attack, undo_colour
+from owners.attacks.ciphertext_only import HYPOTHESES, colour_attack, then_colour, undo_colour
 from owners.attacks.common import INVERSE, blocks_of, cipher_planes, make_schedule
 from owners.attacks.jigsaw import place
 from owners.attacks.prior import NaturalImagePrior
@@ -37,7 +37,7 @@ def single_image_attack(encrypted: np.ndarray, geometry: CipherGeometry, prior: 
         variant = piece // NUM_TRANSFORMS
         block = variant // k
         source[block], transform[block] = pos, INVERSE[piece % NUM_TRANSFORMS]
-        steps[block] = _then(HYPOTHESES[variant % k], HYPOTHESES[overall])
+        steps[block] = then_colour(HYPOTHESES[variant % k], HYPOTHESES[overall])
     negate, order = zip(*steps)
     return make_schedule(source, transform, np.array(negate, bool), np.array(order))
 
