@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from owners.attacks.ciphertext_only import ciphertext_only_attack
 from owners.attacks.common import ScheduleCipher
@@ -144,11 +144,11 @@ def run_audit(data: Path, secret: bytes, geometry: CipherGeometry, codec: Codec,
         if m < len(attacked):
             estimate, seconds = _timed(known_plaintext_attack, attacked[:m], stored[:m], geometry)
             report.rows.append(_row("known plaintext", m, estimate, cipher, stored[m:], attacked[m:], seconds))
-            reconstructions.setdefault("known plaintext", (estimate, m))
+            reconstructions.setdefault("known plaintext", (estimate, f"{m} known pair" + "s" * (m > 1)))
     for n in sorted({min(c, len(attacked)) for c in plan.counts}):
         estimate, seconds = _timed(ciphertext_only_attack, stored[:n], geometry, prior)
         report.rows.append(_row("ciphertext only", n, estimate, cipher, stored[:n], attacked[:n], seconds))
-        reconstructions["ciphertext only"] = (estimate, 0)
+        reconstructions["ciphertext only"] = (estimate, f"{n} uploads only")
     if geometry.scheme == "color" and plan.per_image:
         report.rows.append(_per_image_row(stored[:plan.per_image], attacked[:plan.per_image], cipher, prior))
     if picture is not None:
@@ -189,7 +189,21 @@ def write_picture(path: Path, plain: np.ndarray, stored: np.ndarray, reconstruct
         rows.append(np.full((2, rows[-1].shape[1], 3), 255, np.uint8))
     img = Image.fromarray(np.concatenate(rows, axis=0))
     scale = max(1, 96 // geometry.height)
-    img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST).save(path)
+    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    labels = ["plain", "uploaded"] + [held for _, held in reconstructions.values()]
+    _with_header(img, labels, (geometry.width + 2) * scale).save(path)
+
+
+PICTURE_HEADER = 14  # pixels of column labels above the picture
+
+
+def _with_header(img: Image.Image, labels: list[str], column: int) -> Image.Image:
+    out = Image.new("RGB", (img.width, img.height + PICTURE_HEADER), "white")
+    out.paste(img, (0, PICTURE_HEADER))
+    draw = ImageDraw.Draw(out)
+    for i, label in enumerate(labels):
+        draw.text((i * column + 2, 1), label, fill="black")
+    return out
 
 
 def table_text(report: AuditReport) -> str:

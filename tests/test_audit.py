@@ -10,7 +10,7 @@ from PIL import Image
 from orchestrator.cli import main as orchestrator_main
 from orchestrator.config import PRIVACY_MEASURED, privacy_warning
 from owners.attacks.scoring import Score
-from owners.audit import AuditError, AuditPlan, run_audit, verdict_of
+from owners.audit import PICTURE_HEADER, AuditError, AuditPlan, run_audit, verdict_of
 from owners.cipher import MEASURED_BREAKS, CipherGeometry, privacy_verdict
 from owners.cli import main
 from protocol.codec import Codec
@@ -42,7 +42,7 @@ def test_audit_breaks_the_default_geometry_and_draws_the_picture(tmp_path):
     assert rows["ciphertext only"].images == 150 and rows["ciphertext only"].verdict == "broken"
     assert "one image at a time" in rows and report.verdict == "broken"
     with Image.open(picture) as img:  # 6 rows: plain | uploaded | known plaintext | ciphertext only
-        assert img.size == (4 * 34 * 3, 6 * 34 * 3)  # 32-pixel tiles and 2-pixel gaps, enlarged 3x
+        assert img.size == (4 * 34 * 3, 6 * 34 * 3 + PICTURE_HEADER)  # 32-pixel tiles, 2-pixel gaps, 3x; labels
 
 
 def test_cli_audit_prints_json_and_never_creates_a_key(tmp_path, monkeypatch, capsys):
