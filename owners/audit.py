@@ -9,7 +9,8 @@ attacker's public natural-image prior and never attacked.
 Verdict per attack (the thresholds, written down once):
     broken  the attack recovers >= 50% of the key, or decrypts >= 50% of the images exactly (up
             to a mirror image), or its reconstructions reach SSIM >= 0.6 (content recognisable);
-    weak    >= 10% of the key, or >= 5% of images exact, or SSIM >= 0.3;
+    weak    >= 10% of the key, or >= 5% of images exact, or SSIM >= 0.3, or >= 50% of the
+            blocks in place up to a turn of the whole image (the layout is recognisable);
     holds   below all of these.
 The overall verdict is the worst over the attacks that need no plain image (ciphertext-only and
 per-image): what a cloud can do with the uploads alone. Known plaintext is reported apart: it is
@@ -36,7 +37,7 @@ from owners.images import BadImage, load_rgb, scan_image_folder
 from protocol.codec import Codec, decode
 
 BROKEN = {"key": 0.5, "exact": 0.5, "ssim": 0.6}
-WEAK = {"key": 0.1, "exact": 0.05, "ssim": 0.3}
+WEAK = {"key": 0.1, "exact": 0.05, "ssim": 0.3, "layout": 0.5}
 VERDICTS = ("holds", "weak", "broken")
 PRIOR_EVERY = 5  # every fifth image is the attacker's prior, never attacked
 MIN_ATTACKED = 10
@@ -84,7 +85,9 @@ class AuditReport:
 
 
 def verdict_of(score: Score) -> str:
-    values = {"key": score.key, "exact": score.exact_up_to_flip, "ssim": score.ssim}
+    layout = getattr(score, "arrangement", None)
+    values = {"key": score.key, "exact": score.exact_up_to_flip, "ssim": score.ssim,
+              "layout": -1.0 if layout is None or layout != layout else layout}  # None/NaN: no square grid
     for name, bar in (("broken", BROKEN), ("weak", WEAK)):
         if any(values[k] >= bar[k] for k in bar):
             return name
@@ -226,5 +229,6 @@ def table_text(report: AuditReport) -> str:
                  "image); SSIM/PSNR: reconstruction vs plain")
     lines.append(f"verdict (what a cloud can do with the uploads alone): {report.verdict}. Thresholds: broken "
                  f"if key >= {BROKEN['key']:.0%} or exact~ >= {BROKEN['exact']:.0%} or SSIM >= {BROKEN['ssim']}; "
-                 f"weak if key >= {WEAK['key']:.0%} or exact~ >= {WEAK['exact']:.0%} or SSIM >= {WEAK['ssim']}")
+                 f"weak if key >= {WEAK['key']:.0%} or exact~ >= {WEAK['exact']:.0%} or SSIM >= {WEAK['ssim']} "
+                 f"or arr~ >= {WEAK['layout']:.0%}")
     return "\n".join(lines)

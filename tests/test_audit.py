@@ -19,14 +19,15 @@ from protocol.task import Task
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cifar10-sample"
 
 
-def score(key=0.0, exact=0.0, ssim=0.0) -> Score:
-    return Score(key, key, key, key, key, exact, exact, ssim, 10.0, False)
+def score(key=0.0, exact=0.0, ssim=0.0, layout=None) -> Score:
+    return Score(key, key, key, key, key, exact, exact, ssim, 10.0, False, layout)
 
 
 @pytest.mark.parametrize("values,verdict", [
     ({}, "holds"), ({"key": 0.09, "exact": 0.04, "ssim": 0.29}, "holds"),
     ({"key": 0.1}, "weak"), ({"exact": 0.05}, "weak"), ({"ssim": 0.3}, "weak"),
     ({"key": 0.5}, "broken"), ({"exact": 0.5}, "broken"), ({"ssim": 0.6}, "broken"),
+    ({"layout": 0.49}, "holds"), ({"layout": 0.5}, "weak"), ({"layout": 1.0, "ssim": 0.6}, "broken"),
 ])
 def test_verdict_thresholds_are_the_documented_ones(values, verdict):
     assert verdict_of(score(**values)) == verdict
