@@ -14,7 +14,7 @@ import numpy as np
 from owners.cipher import rgb_to_stacked_ycbcr
 
 COLOUR_BINS = 8  # per channel; 256/8 = 32 values a bin, so p -> 255-p maps bin b to bin 7-b exactly
-PLANE_BINS = 16
+PLANE_BINS = 64
 
 
 @dataclass(frozen=True)
