@@ -107,10 +107,10 @@ WARN_BELOW_BITS = 128  # a key space below this gets a warning on every use
 # reconstructions), at the fewest images measured, all `broken`. A geometry not listed is not
 # measured: an attack that is not measured is assumed to succeed.
 MEASURED_BREAKS = {
-    ("color", 32, 16): (30, 1.00, 1.00, 0.98),
+    ("color", 32, 16): (30, 1.00, 1.00, 0.99),
     ("color", 32, 8): (30, 1.00, 1.00, 0.95),
     ("gray", 32, 8): (30, 0.88, 0.00, 0.96),
-    ("color", 64, 16): (30, 1.00, 1.00, 0.97),
+    ("color", 64, 16): (30, 1.00, 1.00, 0.96),
     ("gray", 64, 8): (30, 0.54, 0.00, 0.82),
     ("color", 224, 16): (100, 1.00, 1.00, 0.93),
     ("gray", 224, 8): (100, 0.49, 0.00, 0.93),
