@@ -7,6 +7,11 @@ travel; the adapter stays with its owner. The Flower apps (``orchestrator/server
 
 Budget: ``rounds x local_epochs`` equals the centralised strategies' ``epochs``; each round is a
 fresh AdamW with a one-cycle schedule whose peak follows a cosine decay across rounds.
+
+With secure aggregation (``federated.secure_aggregation``), an owner sends the round's *update* of
+the trunk's floating-point tensors (:func:`trunk_update`) instead of the trunk, masked so that the
+server learns only the owners' weighted mean update (:func:`apply_update` adds it); the numbers
+that bound what a masked update can carry are :data:`SECURE_SUM`'s.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import torch
 from mlcore.checkpoint import task_of
 from mlcore.data import EncodedImages, ShardRef
 from mlcore.loop import evaluate, make_optimizer, train_one_epoch
-from mlcore.settings import TrainSettings
+from mlcore.settings import TrainSettings, range_errors
 from models import SHARED_PREFIX, Network, build_network
 from protocol.task import Task
 
@@ -47,6 +52,24 @@ class FederatedPlan:
                    int(doc["local_epochs"]))
 
 
+def plan_errors(plan: FederatedPlan) -> list[str]:
+    """What an owner refuses in a server's plan before training on it: every bounded setting outside
+    its range (``mlcore.settings``: a negative learning rate, a batch of a billion images), and a
+    budget (rounds x local epochs) outside the one ``epochs`` allows."""
+    s = plan.settings
+    numbers = [f.name for f in dataclasses.fields(s) if "range" in f.metadata]
+    errors = [f"settings.{n}: {getattr(s, n)!r} is not a number" for n in numbers
+              if isinstance(getattr(s, n), bool) or not isinstance(getattr(s, n), (int, float))]
+    if errors:
+        return errors
+    errors = range_errors(s, "settings.")
+    low, high = next(f for f in dataclasses.fields(s) if f.name == "epochs").metadata["range"]
+    if not (plan.rounds >= 1 and plan.local_epochs >= 1 and plan.rounds * plan.local_epochs <= high):
+        errors.append(f"rounds x local_epochs: {plan.rounds} x {plan.local_epochs} is outside the allowed "
+                      f"range [{low}, {high}] of epochs")
+    return errors
+
+
 def owner_network(plan: FederatedPlan, key_id: str) -> Network:
     """The network one owner trains: its own adapter (one key id) and the shared trunk."""
     s, t = plan.settings, plan.task
@@ -69,6 +92,58 @@ def trunk_state(trunk: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def private_state(model: Network) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(SHARED_PREFIX)}
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    """The numbers of the secure sum of owners' updates (Flower SecAgg+, ``orchestrator/server_app.py``).
+
+    Each owner scales its update by ``num_examples / max_weight``, clips it to ``+-clipping_range``
+    and quantizes it to ``quantization_range`` integer levels; masks are added modulo
+    ``modulus_range``. So one owner's update entries can be as large as ``clipping_range x max_weight
+    / num_examples`` (64 for an owner of 32,768 images: BatchNorm running variances move by ~13 in one
+    epoch on CIFAR-10), with a resolution of that / 2^23, and the sum of a round's owners must stay
+    below the modulus: at most ``modulus_range / quantization_range - 1`` owners per round."""
+
+    clipping_range: float = 64.0
+    quantization_range: int = 2**24
+    modulus_range: int = 2**32  # Flower's largest (its masks are drawn below it)
+    max_weight: float = 2.0**15  # num_examples of the largest owner that uses the full range
+    min_owners: int = 2  # a sum of one owner's update is that update (SecAgg+ refuses fewer than 2)
+
+    @property
+    def max_owners(self) -> int:
+        return self.modulus_range // self.quantization_range - 1
+
+
+SECURE_SUM = SecureSum()
+
+
+def update_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    """The tensors whose update a secure round sums: the floating-point ones, in ``state``'s order.
+    Integer buffers (BatchNorm's ``num_batches_tracked``, unused with a momentum) keep the server's
+    value; they would only tell the server how many steps each owner took."""
+    return [k for k, v in state.items() if v.is_floating_point()]
+
+
+def trunk_update(trained: dict[str, torch.Tensor], received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One owner's update of the round: trained minus received trunk, for :func:`update_keys`."""
+    return {k: (trained[k] - received[k]).detach().clone() for k in update_keys(received)}
+
+
+def apply_update(state: dict[str, torch.Tensor], update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The next global trunk: ``state`` plus the owners' mean update (FedAvg of the trained trunks)."""
+    missing = set(update_keys(state)) ^ set(update)
+    if missing:
+        raise ValueError(f"the aggregate does not fit the trunk: {len(missing)} tensors differ "
+                         f"(e.g. {sorted(missing)[0]})")
+    return {k: (v + update[k].to(v.dtype).reshape(v.shape)) if k in update else v.clone() for k, v in state.items()}
+
+
+def clipped_values(update: dict[str, torch.Tensor], num_examples: int, s: SecureSum = SECURE_SUM) -> int:
+    """How many entries of an owner's update the secure sum would clip (0 in any sane round)."""
+    bound = s.clipping_range * s.max_weight / max(num_examples, 1)
+    return int(sum((v.abs() > bound).sum().item() for v in update.values()))
 
 
 def load_states(model: Network, shared: dict[str, torch.Tensor], private: dict[str, torch.Tensor] | None) -> None:

@@ -158,8 +158,9 @@ def run_federation(cfg: ClusterConfig, work: Path, stop: threading.Event, log=pr
         if not submitted.get("success"):
             raise RunFailed(f"flwr run refused the federation: {submitted}")
         run_id = str(submitted["run-id"])
+        secure = " with secure aggregation (SecAgg+)" if cfg.federated.secure_aggregation else ""
         log(f"federation submitted (Flower run {run_id}): {plan.rounds} rounds x {plan.local_epochs} local "
-            f"epoch(s); owners connect their SuperNodes to {cfg.federated.listen}")
+            f"epoch(s){secure}; owners connect their SuperNodes to {cfg.federated.listen}")
         status = ""
         while not status.startswith("finished"):
             if stop.wait(poll_s):
@@ -177,12 +178,13 @@ def run_federation(cfg: ClusterConfig, work: Path, stop: threading.Event, log=pr
 
 
 def simulate(plan: FederatedPlan, client_app, num_owners: int, min_owners: int, out_dir: Path,
-             round_timeout_s: float = 3600.0, cpus: int = 2) -> Path:
-    """The same ServerApp and ClientApp in Flower's simulation on Ray (Flower starts and stops Ray)."""
+             round_timeout_s: float = 3600.0, cpus: int = 2, secure: bool = False) -> Path:
+    """The same ServerApp and ClientApp in Flower's simulation on Ray (Flower starts and stops Ray);
+    ``secure``: with secure aggregation (SecAgg+)."""
     from flwr.simulation import run_simulation
 
     shutil.rmtree(out_dir, ignore_errors=True)
-    run_simulation(server_app=make_server_app(plan, min_owners, round_timeout_s, Path(out_dir)),
+    run_simulation(server_app=make_server_app(plan, min_owners, round_timeout_s, Path(out_dir), secure),
                    client_app=client_app, num_supernodes=num_owners, backend_name="ray",
                    backend_config={"client_resources": {"num_cpus": max(1, cpus // min(num_owners, cpus)),
                                                         "num_gpus": 0.0},
