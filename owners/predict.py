@@ -44,16 +44,15 @@ class PredictionResult:
 
 def image_paths(inputs: list[Path]) -> list[Path]:
     """Files as given; folders searched recursively for images (by suffix, sorted, hidden ones
-    skipped). A path that does not exist is an error naming it, before anything is sent."""
+    skipped). A path that does not exist stays in the list: its result is the error naming it, and
+    the other files are still answered."""
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
             paths += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in ALLOWED_SUFFIXES
                             and not any(part.startswith(".") for part in p.relative_to(item).parts))
-        elif item.is_file():
-            paths.append(item)
         else:
-            raise OutboxError(f"{item}: no such file or folder")
+            paths.append(item)
     return paths
 
 

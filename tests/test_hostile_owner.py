@@ -112,11 +112,13 @@ def test_honest_owners_still_upload_after_a_refusal(server, tmp_path, outboxes):
     assert state.committed and state.images == 200
 
 
-def test_a_full_catalog_is_a_retryable_unavailable_not_a_rollback_error(server, tmp_path, outboxes):
-    """One owner filling the disk must not turn every other owner's request into 'cannot rollback'."""
+def test_a_full_catalog_is_resource_exhausted_not_a_rollback_error(server, tmp_path, outboxes):
+    """One owner filling the disk must not turn every other owner's request into 'cannot rollback': the
+    owner is told the disk is full (RESOURCE_EXHAUSTED: a person must act), and once there is room
+    the same upload goes through."""
     import shutil
 
-    from orchestrator.errors import StorageUnavailable
+    from orchestrator.errors import StorageFull
 
     outbox = tmp_path / "outbox"
     shutil.copytree(outboxes.a, outbox)
@@ -125,11 +127,11 @@ def test_a_full_catalog_is_a_retryable_unavailable_not_a_rollback_error(server, 
     store = server.store
     pages = store._query("PRAGMA page_count")[0][0]
     store._query(f"PRAGMA max_page_count = {pages}")  # the catalog cannot grow: SQLite says "full"
-    with pytest.raises(StorageUnavailable, match="database or disk is full"):
+    with pytest.raises(StorageFull, match="disk is full"):
         store.open_dataset("hospital-a", (outbox / "manifest.json").read_bytes())
     c = client(server)
     try:
-        with pytest.raises(ServiceError, match="UNAVAILABLE: the server's catalog is unavailable"):
+        with pytest.raises(ServiceError, match="RESOURCE_EXHAUSTED: the server's disk is full"):
             upload_outbox(outbox, c, progress=False)
         store._query("PRAGMA max_page_count = 1073741823")  # room again: the same upload goes through
         assert upload_outbox(outbox, c, progress=False).committed

@@ -30,7 +30,8 @@ def setup(tmp_path):
     port = free_port()
     cfg = {"name": "crash", "task": {"classes": CLASSES},
            "ingest": {"listen": f"127.0.0.1:{port}", "store": str(tmp_path / "store"), "insecure_loopback": True,
-                      "owners": [{"id": o, "token_sha256": token_sha256(t)} for o, t in TOKENS.items()]}}
+                      "owners": [{"id": o, "token_sha256": token_sha256(t)} for o, t in TOKENS.items()]},
+           "training": {"strategy": "pooled"}}  # each owner uploads under its own key
     (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cfg))
     for owner, token in TOKENS.items():
         path = tmp_path / f"{owner}.token"

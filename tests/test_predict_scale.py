@@ -96,10 +96,11 @@ def test_json_output_and_files_and_folders_mixed(tmp_path, monkeypatch, service,
     assert all(len(r["top"]) == 1 and r["top"][0][0] in TASK.classes for r in results)
 
 
-def test_a_missing_path_or_a_bad_output_name_is_refused_before_anything_is_sent(tmp_path, monkeypatch, service,
+def test_a_missing_file_is_one_refused_result_and_a_bad_output_name_is_refused_first(tmp_path, monkeypatch, service,
                                                                                 capsys):
-    assert run_cli(tmp_path, monkeypatch, service, tmp_path / "no-such-folder") == 1
-    assert "no-such-folder: no such file or folder" in capsys.readouterr().err
+    assert run_cli(tmp_path, monkeypatch, service, tmp_path / "no-such-file.png") == 1
+    out = capsys.readouterr().out
+    assert "no-such-file.png\terror:" in out and "No such file" in out
     assert "csv or .json" in str(run_cli(tmp_path, monkeypatch, service, "--output", tmp_path / "r.txt", tmp_path))
 
 
