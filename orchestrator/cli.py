@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from orchestrator import __version__
@@ -114,12 +115,49 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 def print_datasets(rows: list[dict]) -> None:
     header = ("owner", "dataset id", "split", "key id", "images", "committed", "quarantined", "bytes")
-    table = [header] + [(d["owner"], d["id"], d["split"], d["key_id"] or "-", str(d["images"]),
-                         "yes" if d["committed"] else "no", "yes" if d["quarantined"] else "no", str(d["bytes"]))
-                        for d in rows]
+    print_table(header, [(d["owner"], d["id"], d["split"], d["key_id"] or "-", str(d["images"]),
+                          "yes" if d["committed"] else "no", "yes" if d["quarantined"] else "no", str(d["bytes"]))
+                         for d in rows])
+
+
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    table = [header, *rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from orchestrator.status import cloud_status
+
+    cfg = load_config(args.config)
+    store = open_store(cfg)
+    try:
+        status = cloud_status(cfg, store)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return 0
+    print(f"run {status['name']} ({status['strategy']}), store {status['store']}")
+    print_table(("owner", "in config", "datasets", "train images", "test images", "key ids", "quarantined",
+                 "last upload"),
+                [(o["owner"], "yes" if o["in_config"] else "NO", str(o["datasets"]), str(o["train_images"]),
+                  str(o["test_images"]), ",".join(o["key_ids"]) or "-", str(o["quarantined"]), _when(o["last_upload"]))
+                 for o in status["owners"]])
+    print()
+    print_datasets(status["datasets"])
+    print()
+    print_table(("run", "state", "epoch", "accuracy", "last update", "report"),
+                [(r["run"], r["state"], str(r["epoch"] or "-"), f"{r['test_acc']:.1%}" if r["test_acc"] is not None
+                  else "-", _when(r["last_update"]), r["report"] or "-") for r in status["runs"]])
+    if status["waiting_for"]:
+        print(f"\ntraining waits for: {', '.join(status['waiting_for'])} (training.start_when)")
+    return 0
+
+
+def _when(timestamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
 
 
 def cmd_hash_token(args: argparse.Namespace) -> int:
@@ -160,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "remove":
             a.add_argument("--yes", action="store_true", help="really delete (without it: show what would go)")
     p.set_defaults(func=cmd_datasets)
+    p = sub.add_parser("status", help="owners, datasets, runs and what training waits for (from the store)")
+    p.add_argument("config")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
     p = sub.add_parser("hash-token", help="read an owner token on stdin, print the token_sha256 for cluster.yaml")
     p.set_defaults(func=cmd_hash_token)
     return parser

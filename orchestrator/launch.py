@@ -21,11 +21,11 @@ from mlcore.loop import evaluate
 from orchestrator.config import ClusterConfig, ConfigError, RayConfig
 from orchestrator.errors import RunFailed, UploadsMissing
 from orchestrator.ingest import IngestService, start_ingest
+from orchestrator.status import uploads_missing
 from orchestrator.store import ShardStore
 from orchestrator.training import TrainJob, make_model, run_training
 from protocol.net import is_loopback
 from protocol.shards import ShardInfo
-from protocol.task import SPLITS
 
 AVAILABLE_STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters")  # federated: `orchestrator federate`
 LOOPBACK = "127.0.0.1"
@@ -70,8 +70,7 @@ def _single_machine_ray() -> None:
 
 def uploads_ready(store: ShardStore, owners: tuple[str, ...]) -> list[str]:
     """What is still missing before training may start (empty when ready)."""
-    done = {(d["owner"], d["split"]) for d in store.committed_datasets()}
-    return [f"{o} {split}" for o in owners for split in SPLITS if (o, split) not in done]
+    return uploads_missing(store, owners)
 
 
 def wait_for_uploads(store: ShardStore, owners: tuple[str, ...], timeout_s: float, stop: threading.Event,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 
 from mlcore.checkpoint import load_checkpoint
 from mlcore.data import outbox_refs
@@ -59,11 +60,31 @@ def wait_until(condition, what: str, timeout: float = WAIT, poll: float = 0.2):
     return value
 
 
-def test_launch_trains_on_two_owners_reports_and_serves(tmp_path, monkeypatch):
+def check_status(tmp_path, doc, capsys, report, report_path) -> None:
+    """`orchestrator status` (a separate reader of the store) shows the owners, datasets and the run."""
+    from orchestrator.cli import main as orchestrator
+
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    capsys.readouterr()
+    assert orchestrator(["status", str(config), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    owners = {o["owner"]: o for o in status["owners"]}
+    assert set(owners) == set(TOKENS) and all(o["in_config"] and o["train_images"] > 0 for o in owners.values())
+    assert sorted(owners["hospital-b"]["key_ids"]) == sorted([SHARED.key_id, PRIVATE.key_id])
+    assert len(status["datasets"]) == 5 and status["waiting_for"] == []
+    (run,) = status["runs"]
+    assert run["state"] == "finished" and run["report"] == str(report_path) and run["epoch"] == 2
+    assert run["test_acc"] == pytest.approx(report["seen_key_accuracy"])
+    assert orchestrator(["status", str(config)]) == 0  # the table for people names the same run
+    assert run["run"] in capsys.readouterr().out
+
+
+def test_launch_trains_on_two_owners_reports_and_serves(tmp_path, monkeypatch, capsys):
     from orchestrator.launch import launch
 
     ingest_port, serve_port, dash_port = free_port(), free_port(), free_port()
-    cfg = parse_config({
+    cfg = parse_config(doc := {
         "name": "launch-test",
         "ray": {"address": None, "dashboard_port": dash_port},
         "task": {"classes": CLASSES},
@@ -118,6 +139,7 @@ def test_launch_trains_on_two_owners_reports_and_serves(tmp_path, monkeypatch):
         assert rows[("hospital-a", SHARED.key_id)]["seen_in_training"] is True
         assert [e["epoch"] for e in report["epochs"]] == [1, 2]
         assert (report_path.parent / "curves.png").stat().st_size > 1000
+        check_status(tmp_path, doc, capsys, report, report_path)
 
         images = sorted((folders["hospital-a"] / "test").glob("*/*.jpg"))[:5]
         results = predict_images(SHARED, images, Connection(f"127.0.0.1:{serve_port}", TOKENS["hospital-a"]))
