@@ -19,6 +19,7 @@ from mlcore.checkpoint import CHECKPOINT_VERSION, code_version, load_checkpoint,
 from mlcore.data import EncodedImages, ShardRef, check_shards, shard_refs
 from mlcore.loop import evaluate
 from orchestrator.config import ClusterConfig, ConfigError, RayConfig
+from orchestrator.dashboard_metrics import StoreMetrics
 from orchestrator.errors import RunFailed, UploadsMissing
 from orchestrator.ingest import IngestService, start_ingest
 from orchestrator.status import uploads_missing
@@ -331,10 +332,12 @@ def launch(cfg: ClusterConfig, once: bool, stop: threading.Event, log=print) -> 
     stop_on_signals(stop)
     dashboard = start_ray(cfg.ray, log)
     ingest: IngestService | None = None
-    serving = None
+    serving = metrics = None
     try:
         ingest = start_ingest(cfg)
         log(f"ingest service on port {ingest.port}; store {ingest.store.root}")
+        metrics = StoreMetrics(ingest.store, threading.Event())  # the product's state on Ray's metrics
+        metrics.start()
         wait_for_uploads(ingest.store, cfg.training.start_when, cfg.training.wait_timeout_s, stop, log)
         with step("select data", ingest.store.root / "logs"):
             job = build_job(cfg, ingest.store, log)
@@ -357,6 +360,8 @@ def launch(cfg: ClusterConfig, once: bool, stop: threading.Event, log=print) -> 
     finally:
         if serving is not None:
             serving.stop(5)
+        if metrics is not None:
+            metrics.close()
         if ingest is not None:
             ingest.stop(5)
         ray.shutdown()

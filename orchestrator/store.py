@@ -363,6 +363,17 @@ class ShardStore:
                     total += part.stat().st_size
         return total
 
+    def received_bytes(self) -> dict[str, int]:
+        """Bytes each owner has sent that are on disk: its stored objects and its partial uploads."""
+        rows = self._query("SELECT oo.owner, SUM(o.size) FROM owner_objects oo JOIN objects o ON o.sha256 = oo.sha256 "
+                           "GROUP BY oo.owner")
+        received = {owner: size for owner, size in rows}
+        for folder in (self.root / "incoming").iterdir():
+            for part in folder.glob("*.part"):
+                with contextlib.suppress(FileNotFoundError):  # stored or expired meanwhile
+                    received[folder.name] = received.get(folder.name, 0) + part.stat().st_size
+        return received
+
     def _check_quota(self, owner: str, sha256: str, size: int) -> None:
         if self.owner_quota_bytes is None or self._is_stored(owner, sha256):
             return

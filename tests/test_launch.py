@@ -80,6 +80,27 @@ def check_status(tmp_path, doc, capsys, report, report_path) -> None:
     assert run["run"] in capsys.readouterr().out
 
 
+def check_ray_metrics(run_name: str) -> None:
+    """The same figures reach Ray's metrics endpoint (what the dashboard's Metrics view reads)."""
+    import ray
+
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+
+    def published() -> str | None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return text if f'run="{run_name}"' in text and "ray_etc_images_stored" in text else None
+
+    text = wait_until(published, "the product's metrics on Ray's endpoint", poll=1.0)
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("ray_etc_")}
+    stored = [v for k, v in samples.items() if k.startswith("ray_etc_images_stored{") and 'owner="hospital-a"' in k
+              and 'split="train"' in k]
+    assert stored and stored[0] > 0
+    epochs = [v for k, v in samples.items() if k.startswith("ray_etc_training_epoch{") and f'run="{run_name}"' in k]
+    assert epochs == [2.0]
+
+
 def test_launch_trains_on_two_owners_reports_and_serves(tmp_path, monkeypatch, capsys):
     from orchestrator.launch import launch
 
@@ -140,6 +161,7 @@ def test_launch_trains_on_two_owners_reports_and_serves(tmp_path, monkeypatch, c
         assert [e["epoch"] for e in report["epochs"]] == [1, 2]
         assert (report_path.parent / "curves.png").stat().st_size > 1000
         check_status(tmp_path, doc, capsys, report, report_path)
+        check_ray_metrics(report["run"])
 
         images = sorted((folders["hospital-a"] / "test").glob("*/*.jpg"))[:5]
         results = predict_images(SHARED, images, Connection(f"127.0.0.1:{serve_port}", TOKENS["hospital-a"]))
