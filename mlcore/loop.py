@@ -60,7 +60,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, settings: TrainSettings
         correct += int((logits.argmax(1).cpu() == labels).sum())
     seconds = time.perf_counter() - started
     return {"train_loss": loss_sum / max(total, 1), "train_acc": correct / max(total, 1),
-            "images_per_s": total / seconds, "epoch_s": seconds}
+            "images_per_s": total / seconds, "epoch_s": seconds, "train_images": total}
 
 
 @torch.no_grad()

@@ -122,9 +122,25 @@ def train_loop_per_worker(config: dict) -> None:
             loader.sampler.set_epoch(epoch)
         metrics = train_one_epoch(model, loader, optimizer, scheduler, s, job.task, device, generator)
         metrics.update(epoch=epoch + 1, worker_pid=os.getpid(), time=time.time(), train_samples=len(train_set),
+                       world_size=ray.train.get_context().get_world_size(), ranks=_ranks(metrics["train_images"]),
                        **{f"decode_failures/{o}": train_set.decode_failures.count(o)
                           for o in train_set.decode_failures.by_owner})
         _report_epoch(job, epoch, metrics, (model, optimizer, scheduler), test_set, device)
+
+
+def _ranks(images: int) -> list[dict]:
+    """What every worker did this epoch, gathered to each rank: {"rank", "node_id", "pid", "images"}
+    (images it trained on: the ranks' shards of the epoch add up to it; the node shows where it ran)."""
+    import ray
+    import ray.train
+
+    mine = {"rank": ray.train.get_context().get_world_rank(), "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(), "images": images}
+    if not torch.distributed.is_initialized():
+        return [mine]
+    everyone: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)  # every rank calls it, once per epoch
+    return everyone
 
 
 def run_training(job: TrainJob, storage: Path) -> Path:
