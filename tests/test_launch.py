@@ -86,19 +86,24 @@ def check_ray_metrics(run_name: str) -> None:
 
     port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
 
-    def published() -> str | None:
+    def samples() -> dict[str, float]:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
             text = response.read().decode()
-        return text if f'run="{run_name}"' in text and "ray_etc_images_stored" in text else None
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("ray_etc_")}
 
-    text = wait_until(published, "the product's metrics on Ray's endpoint", poll=1.0)
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("ray_etc_")}
-    stored = [v for k, v in samples.items() if k.startswith("ray_etc_images_stored{") and 'owner="hospital-a"' in k
+    def epochs(now: dict[str, float]) -> list[float]:
+        return [v for k, v in now.items() if k.startswith("ray_etc_training_epoch{") and f'run="{run_name}"' in k]
+
+    # published every few seconds, exported by Ray's agent on its own period: wait for the final epoch
+    def final_epoch_published() -> dict[str, float] | None:
+        now = samples()
+        return now if epochs(now) == [2.0] else None
+
+    now = wait_until(final_epoch_published, "the final epoch on Ray's metrics", poll=1.0)
+    stored = [v for k, v in now.items() if k.startswith("ray_etc_images_stored{") and 'owner="hospital-a"' in k
               and 'split="train"' in k]
     assert stored and stored[0] > 0
-    epochs = [v for k, v in samples.items() if k.startswith("ray_etc_training_epoch{") and f'run="{run_name}"' in k]
-    assert epochs == [2.0]
 
 
 def test_launch_trains_on_two_owners_reports_and_serves(tmp_path, monkeypatch, capsys):
