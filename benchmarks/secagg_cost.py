@@ -162,10 +162,10 @@ class InProcessGrid(Grid):
         return [n for n in self.nodes if not (self.unlist and n in self.gone)]
 
     def push_messages(self, messages):
-        raise NotImplementedError
+        raise TypeError("this in-process grid answers through send_and_receive only (all SecAggPlusWorkflow uses)")
 
     def pull_messages(self, message_ids):
-        raise NotImplementedError
+        raise TypeError("this in-process grid answers through send_and_receive only (all SecAggPlusWorkflow uses)")
 
     def _dropped(self, node: int, msg: Message) -> bool:
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)

@@ -6,7 +6,6 @@ an integer, got 'ten'``. Defaults live here, in the dataclasses, and nowhere els
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import types
 import typing
@@ -17,6 +16,7 @@ import yaml
 
 from mlcore.settings import PRECISIONS, STRATEGIES, TrainSettings, bounded, range_errors
 from protocol.net import is_loopback, split_listen
+from protocol.privacy import verdict_text
 from protocol.task import Task, TaskError, is_safe_name
 
 OWNER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -401,39 +401,9 @@ def load_dataclass(cls: type, path: Path | str):
         raise ConfigError(f"{path.name}: {exc}") from None
 
 
-# The owners' privacy verdict (owner-agent shows it before anything is sent; owners/cipher.py,
-# privacy_verdict), repeated here for the operator in the same words: the cloud side never
-# imports the owner side. tests/test_audit.py checks that both say the same for every geometry.
-PRIVACY_MEASURED = {  # (scheme, size, block) -> (images, key recovered, exact up to a flip, SSIM)
-    ("color", 32, 16): (30, 1.00, 1.00, 0.99),
-    ("color", 32, 8): (30, 1.00, 1.00, 0.95),
-    ("gray", 32, 8): (30, 0.88, 0.00, 0.96),
-    ("color", 64, 16): (30, 1.00, 1.00, 0.96),
-    ("gray", 64, 8): (30, 0.54, 0.00, 0.82),
-    ("color", 224, 16): (100, 1.00, 1.00, 0.93),
-    ("gray", 224, 8): (100, 0.49, 0.00, 0.93),
-}
-
-
 def privacy_warning(task: Task) -> str | None:
-    """The audit's verdict for the task's cipher geometry, for `orchestrator check`; None for plain tasks."""
+    """The owners' privacy verdict on the task's cipher geometry, in their words, for `orchestrator
+    check`; None for plain tasks."""
     if not task.encrypted:
         return None
-    size, block, scheme = task.image_size, task.block_size, task.scheme
-    name = f"{size}x{size} {scheme} EtC in {block}-pixel blocks"
-    blocks = (size // block) * (size * (1 if scheme == "color" else 3) // block)
-    measured = PRIVACY_MEASURED.get((scheme, size, block))
-    if blocks < 4:
-        ways = math.factorial(blocks) * (8 * 2 * (6 if scheme == "color" else 1)) ** blocks
-        why = f"{name} makes {blocks} block(s): {ways} ways to encrypt an image, each of which can simply be tried, " \
-              "one image at a time"
-    elif measured:
-        n, key, exact, ssim = measured
-        why = (f"{name}: from {n} encrypted images of one key, the ciphertext-only attack of `owner-agent audit` "
-               f"recovered {key:.0%} of the key; its reconstructions reach SSIM {ssim:.2f}, {exact:.0%} of them "
-               "exact up to a mirror flip")
-    else:
-        why = f"{name} is not measured, and an attack that is not measured is assumed to succeed"
-    return (f"PRIVACY VERDICT: broken. {why} (docs/privacy.md). This encryption hides images from a person "
-            "glancing at the uploads, not from a cloud that runs the published attacks; run `owner-agent "
-            "audit` on your own images, or keep them here with `owner-agent federate`")
+    return verdict_text(task.scheme, task.image_size, task.image_size, task.block_size)

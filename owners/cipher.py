@@ -30,6 +30,7 @@ import numpy as np
 
 from owners.errors import OwnerError
 from owners.keys import KeyStream
+from protocol.privacy import MIN_BLOCKS, verdict_text
 from protocol.task import ENCRYPTED_SCHEMES, Task
 
 SCHEMES = ENCRYPTED_SCHEMES
@@ -97,25 +98,7 @@ class CipherGeometry:
         return math.lgamma(n + 1) / math.log(2) + n * math.log2(per_block)
 
 
-MIN_BLOCKS = 4  # fewer blocks: refused unless the owner insists (--allow-weak-geometry)
 WARN_BELOW_BITS = 128  # a key space below this gets a warning on every use
-
-# What the product's own ciphertext-only attack (owners/attacks, `owner-agent audit`) did to one
-# owner's uploads under one key, measured by benchmarks/privacy_audit.py (docs/privacy.md):
-# (scheme, size, block) -> (encrypted images the cloud held, fraction of the key recovered,
-# fraction of those images reconstructed exactly up to a mirror flip, SSIM of the
-# reconstructions), at the fewest images measured, all `broken`. A geometry not listed is not
-# measured: an attack that is not measured is assumed to succeed.
-MEASURED_BREAKS = {
-    ("color", 32, 16): (30, 1.00, 1.00, 0.99),
-    ("color", 32, 8): (30, 1.00, 1.00, 0.95),
-    ("gray", 32, 8): (30, 0.88, 0.00, 0.96),
-    ("color", 64, 16): (30, 1.00, 1.00, 0.96),
-    ("gray", 64, 8): (30, 0.54, 0.00, 0.82),
-    ("color", 224, 16): (100, 1.00, 1.00, 0.93),
-    ("gray", 224, 8): (100, 0.49, 0.00, 0.93),
-}
-PRIVACY_DOC = "docs/privacy.md"
 
 
 class WeakGeometry(OwnerError):
@@ -123,24 +106,10 @@ class WeakGeometry(OwnerError):
 
 
 def privacy_verdict(geometry: CipherGeometry) -> tuple[str, str]:
-    """The audit's verdict for a geometry (``broken``, ``weak`` or ``holds``) and why, in one
-    sentence with the measured numbers; the same words everywhere the verdict is shown."""
+    """The audit's verdict for a geometry and why, in one sentence with the measured numbers; the same
+    words everywhere the verdict is shown (``protocol/privacy.py``)."""
     g = geometry
-    name = f"{g.height}x{g.width} {g.scheme} EtC in {g.block}-pixel blocks"
-    measured = MEASURED_BREAKS.get((g.scheme, g.height, g.block)) if g.height == g.width else None
-    if g.num_blocks < MIN_BLOCKS:
-        why = (f"{name} makes {g.num_blocks} block(s): {round(2 ** g.key_space_bits)} ways to encrypt an image, "
-               "each of which can simply be tried, one image at a time")
-    elif measured:
-        n, key, exact, ssim = measured
-        why = (f"{name}: from {n} encrypted images of one key, the ciphertext-only attack of `owner-agent audit` "
-               f"recovered {key:.0%} of the key; its reconstructions reach SSIM {ssim:.2f}, {exact:.0%} of them "
-               "exact up to a mirror flip")
-    else:
-        why = f"{name} is not measured, and an attack that is not measured is assumed to succeed"
-    return "broken", (f"PRIVACY VERDICT: broken. {why} ({PRIVACY_DOC}). This encryption hides images from a person "
-                      "glancing at the uploads, not from a cloud that runs the published attacks; run `owner-agent "
-                      "audit` on your own images, or keep them here with `owner-agent federate`")
+    return "broken", verdict_text(g.scheme, g.height, g.width, g.block)
 
 
 def strength_warning(geometry: CipherGeometry, allow_weak: bool = False) -> str | None:

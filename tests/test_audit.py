@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from orchestrator.cli import main as orchestrator_main
-from orchestrator.config import PRIVACY_MEASURED, privacy_warning
+from orchestrator.config import privacy_warning
 from owners.attacks.scoring import Score
 from owners.audit import PICTURE_HEADER, AuditError, AuditPlan, run_audit, verdict_of
-from owners.cipher import MEASURED_BREAKS, CipherGeometry, privacy_verdict
+from owners.cipher import CipherGeometry, privacy_verdict
 from owners.cli import main
 from protocol.codec import Codec
+from protocol.privacy import MEASURED_BREAKS, blocks_and_ways
 from protocol.task import Task
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cifar10-sample"
@@ -103,8 +105,10 @@ def test_encrypt_shows_the_verdict_and_refuses_what_one_image_breaks(tmp_path, m
                                                (32, 32, "color"), (16, 8, "gray"), (128, 16, "color")])
 def test_orchestrator_check_warns_the_operator_in_the_owners_words(size, block, scheme):
     task = Task(("a", "b"), size, block, scheme)
-    assert PRIVACY_MEASURED == MEASURED_BREAKS
-    assert privacy_warning(task) == privacy_verdict(CipherGeometry(size, size, block, scheme))[1]
+    geometry = CipherGeometry(size, size, block, scheme)
+    assert privacy_warning(task) == privacy_verdict(geometry)[1]
+    blocks, ways = blocks_and_ways(scheme, size, size, block)  # the shared text counts as the cipher does
+    assert blocks == geometry.num_blocks and math.log2(ways) == pytest.approx(geometry.key_space_bits)
     assert privacy_warning(Task(("a", "b"), size, block, "plain")) is None
 
 
