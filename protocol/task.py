@@ -16,6 +16,8 @@ SCHEMES = ("color", "gray", "plain")  # plain: no encryption (baselines)
 ENCRYPTED_SCHEMES = ("color", "gray")
 DEFAULT_BLOCK = {"color": 16, "gray": 8}  # colour: one JPEG 4:2:0 MCU; gray: one 8x8 DCT block
 SPLITS = ("train", "test")
+KEY_MODES = ("owner", "per-image")  # owner: one key per owner, reused for every image | per-image: a fresh
+# random key for every image, kept by nobody (nothing pools across images; the model must need no key)
 MAX_IMAGE_SIZE = 1024  # pixels: a task's images are encrypted and held in memory in batches at the owner
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # run names and owner ids: safe in any path
 
@@ -48,6 +50,7 @@ class Task:
     format: str = "jpeg"  # stored codec: jpeg (lossy, small) | png (lossless)
     quality: int = 85  # JPEG quality 1-100
     chroma: str = "420"  # JPEG chroma subsampling of colour images: 420 | 444
+    key_mode: str = "owner"  # owner | per-image (KEY_MODES); only for encrypted schemes
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(self.classes))
@@ -63,6 +66,10 @@ class Task:
             raise TaskError("format", f"{self.format!r} is not one of {', '.join(CODECS)}")
         if self.chroma not in CHROMA_SUBSAMPLING:
             raise TaskError("chroma", f"{self.chroma!r} is not one of {', '.join(CHROMA_SUBSAMPLING)}")
+        if self.key_mode not in KEY_MODES:
+            raise TaskError("key_mode", f"{self.key_mode!r} is not one of {', '.join(KEY_MODES)}")
+        if self.key_mode != "owner" and not self.encrypted:
+            raise TaskError("key_mode", f"{self.key_mode!r} needs an encrypted task.scheme (color or gray)")
         if not 1 <= self.quality <= 100:
             raise TaskError("quality", f"{self.quality} is not in 1..100")
         if not 1 <= self.image_size <= MAX_IMAGE_SIZE:
@@ -73,6 +80,10 @@ class Task:
     @property
     def encrypted(self) -> bool:
         return self.scheme != "plain"
+
+    @property
+    def per_image_keys(self) -> bool:
+        return self.key_mode == "per-image"
 
     @property
     def codec(self) -> Codec:
@@ -86,13 +97,14 @@ class Task:
         """The gRPC message (``pb_module`` is ``protocol.proto.ingest_pb2``)."""
         return pb_module.Task(run_name=run_name, classes=list(self.classes), image_size=self.image_size,
                               block_size=self.block_size, scheme=self.scheme, format=self.format,
-                              quality=self.quality, chroma=self.chroma, owner_id=owner_id)
+                              quality=self.quality, chroma=self.chroma, owner_id=owner_id,
+                              key_mode=self.key_mode)
 
     @classmethod
     def from_pb(cls, message) -> Task:
         """From a ``pb.Task`` a server sent: validated like any other task (raises TaskError)."""
         return cls(tuple(message.classes), message.image_size, message.block_size, message.scheme, message.format,
-                   message.quality, message.chroma)
+                   message.quality, message.chroma, message.key_mode or "owner")  # "": a server before key_mode
 
 
 @dataclass(frozen=True)

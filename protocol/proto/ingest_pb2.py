@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotocol/proto/ingest.proto\x12\retc.ingest.v1\"\x10\n\x0eGetTaskRequest\"\xa4\x01\n\x04Task\x12\x10\n\x08run_name\x18\x01 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x02 \x03(\t\x12\x12\n\nimage_size\x18\x03 \x01(\x05\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x0e\n\x06scheme\x18\x05 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x06 \x01(\t\x12\x0f\n\x07quality\x18\x07 \x01(\x05\x12\x0e\n\x06\x63hroma\x18\x08 \x01(\t\x12\x10\n\x08owner_id\x18\t \x01(\t\"C\n\x12OpenDatasetRequest\x12\x15\n\rmanifest_json\x18\x01 \x01(\x0c\x12\x16\n\x0enew_key_domain\x18\x02 \x01(\x08\"]\n\rShardProgress\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x10\n\x08received\x18\x04 \x01(\x03\x12\x0e\n\x06stored\x18\x05 \x01(\x08\"\xa4\x01\n\x0c\x44\x61tasetState\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x10\n\x08owner_id\x18\x02 \x01(\t\x12\r\n\x05split\x18\x03 \x01(\t\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12,\n\x06shards\x18\x05 \x03(\x0b\x32\x1c.etc.ingest.v1.ShardProgress\x12\x11\n\tcommitted\x18\x06 \x01(\x08\x12\x0e\n\x06images\x18\x07 \x01(\x03\"G\n\x0bShardHeader\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x14\n\x0cshard_sha256\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"Z\n\nShardChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.etc.ingest.v1.ShardHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ndata_crc32\x18\x03 \x01(\r\"<\n\nShardState\x12.\n\x08progress\x18\x01 \x01(\x0b\x32\x1c.etc.ingest.v1.ShardProgress\"*\n\x14\x43ommitDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xad\x01\n\tModelInfo\x12!\n\x04task\x18\x01 \x01(\x0b\x32\x13.etc.ingest.v1.Task\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x0f\n\x07key_ids\x18\x04 \x03(\t\x12\x10\n\x08owner_id\x18\x05 \x01(\t\x12\x1e\n\x16max_images_per_request\x18\x06 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x07 \x01(\r\"0\n\x0ePredictRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"2\n\nPrediction\x12\x15\n\rprobabilities\x18\x01 \x03(\x02\x12\r\n\x05label\x18\x02 \x01(\x05\">\n\x0cPredictReply\x12.\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x19.etc.ingest.v1.Prediction2\xb0\x02\n\x06Ingest\x12=\n\x07GetTask\x12\x1d.etc.ingest.v1.GetTaskRequest\x1a\x13.etc.ingest.v1.Task\x12M\n\x0bOpenDataset\x12!.etc.ingest.v1.OpenDatasetRequest\x1a\x1b.etc.ingest.v1.DatasetState\x12\x45\n\x0bUploadShard\x12\x19.etc.ingest.v1.ShardChunk\x1a\x19.etc.ingest.v1.ShardState(\x01\x12Q\n\rCommitDataset\x12#.etc.ingest.v1.CommitDatasetRequest\x1a\x1b.etc.ingest.v1.DatasetState2\x9d\x01\n\tPredictor\x12I\n\x0cGetModelInfo\x12\x1f.etc.ingest.v1.ModelInfoRequest\x1a\x18.etc.ingest.v1.ModelInfo\x12\x45\n\x07Predict\x12\x1d.etc.ingest.v1.PredictRequest\x1a\x1b.etc.ingest.v1.PredictReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotocol/proto/ingest.proto\x12\retc.ingest.v1\"\x10\n\x0eGetTaskRequest\"\xb6\x01\n\x04Task\x12\x10\n\x08run_name\x18\x01 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x02 \x03(\t\x12\x12\n\nimage_size\x18\x03 \x01(\x05\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x0e\n\x06scheme\x18\x05 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x06 \x01(\t\x12\x0f\n\x07quality\x18\x07 \x01(\x05\x12\x0e\n\x06\x63hroma\x18\x08 \x01(\t\x12\x10\n\x08owner_id\x18\t \x01(\t\x12\x10\n\x08key_mode\x18\n \x01(\t\"C\n\x12OpenDatasetRequest\x12\x15\n\rmanifest_json\x18\x01 \x01(\x0c\x12\x16\n\x0enew_key_domain\x18\x02 \x01(\x08\"]\n\rShardProgress\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x10\n\x08received\x18\x04 \x01(\x03\x12\x0e\n\x06stored\x18\x05 \x01(\x08\"\xa4\x01\n\x0c\x44\x61tasetState\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x10\n\x08owner_id\x18\x02 \x01(\t\x12\r\n\x05split\x18\x03 \x01(\t\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12,\n\x06shards\x18\x05 \x03(\x0b\x32\x1c.etc.ingest.v1.ShardProgress\x12\x11\n\tcommitted\x18\x06 \x01(\x08\x12\x0e\n\x06images\x18\x07 \x01(\x03\"G\n\x0bShardHeader\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x14\n\x0cshard_sha256\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"Z\n\nShardChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.etc.ingest.v1.ShardHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ndata_crc32\x18\x03 \x01(\r\"<\n\nShardState\x12.\n\x08progress\x18\x01 \x01(\x0b\x32\x1c.etc.ingest.v1.ShardProgress\"*\n\x14\x43ommitDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xad\x01\n\tModelInfo\x12!\n\x04task\x18\x01 \x01(\x0b\x32\x13.etc.ingest.v1.Task\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x0f\n\x07key_ids\x18\x04 \x03(\t\x12\x10\n\x08owner_id\x18\x05 \x01(\t\x12\x1e\n\x16max_images_per_request\x18\x06 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x07 \x01(\r\"0\n\x0ePredictRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"2\n\nPrediction\x12\x15\n\rprobabilities\x18\x01 \x03(\x02\x12\r\n\x05label\x18\x02 \x01(\x05\">\n\x0cPredictReply\x12.\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x19.etc.ingest.v1.Prediction2\xb0\x02\n\x06Ingest\x12=\n\x07GetTask\x12\x1d.etc.ingest.v1.GetTaskRequest\x1a\x13.etc.ingest.v1.Task\x12M\n\x0bOpenDataset\x12!.etc.ingest.v1.OpenDatasetRequest\x1a\x1b.etc.ingest.v1.DatasetState\x12\x45\n\x0bUploadShard\x12\x19.etc.ingest.v1.ShardChunk\x1a\x19.etc.ingest.v1.ShardState(\x01\x12Q\n\rCommitDataset\x12#.etc.ingest.v1.CommitDatasetRequest\x1a\x1b.etc.ingest.v1.DatasetState2\x9d\x01\n\tPredictor\x12I\n\x0cGetModelInfo\x12\x1f.etc.ingest.v1.ModelInfoRequest\x1a\x18.etc.ingest.v1.ModelInfo\x12\x45\n\x07Predict\x12\x1d.etc.ingest.v1.PredictRequest\x1a\x1b.etc.ingest.v1.PredictReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,33 +34,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETTASKREQUEST']._serialized_start=46
   _globals['_GETTASKREQUEST']._serialized_end=62
   _globals['_TASK']._serialized_start=65
-  _globals['_TASK']._serialized_end=229
-  _globals['_OPENDATASETREQUEST']._serialized_start=231
-  _globals['_OPENDATASETREQUEST']._serialized_end=298
-  _globals['_SHARDPROGRESS']._serialized_start=300
-  _globals['_SHARDPROGRESS']._serialized_end=393
-  _globals['_DATASETSTATE']._serialized_start=396
-  _globals['_DATASETSTATE']._serialized_end=560
-  _globals['_SHARDHEADER']._serialized_start=562
-  _globals['_SHARDHEADER']._serialized_end=633
-  _globals['_SHARDCHUNK']._serialized_start=635
-  _globals['_SHARDCHUNK']._serialized_end=725
-  _globals['_SHARDSTATE']._serialized_start=727
-  _globals['_SHARDSTATE']._serialized_end=787
-  _globals['_COMMITDATASETREQUEST']._serialized_start=789
-  _globals['_COMMITDATASETREQUEST']._serialized_end=831
-  _globals['_MODELINFOREQUEST']._serialized_start=833
-  _globals['_MODELINFOREQUEST']._serialized_end=851
-  _globals['_MODELINFO']._serialized_start=854
-  _globals['_MODELINFO']._serialized_end=1027
-  _globals['_PREDICTREQUEST']._serialized_start=1029
-  _globals['_PREDICTREQUEST']._serialized_end=1077
-  _globals['_PREDICTION']._serialized_start=1079
-  _globals['_PREDICTION']._serialized_end=1129
-  _globals['_PREDICTREPLY']._serialized_start=1131
-  _globals['_PREDICTREPLY']._serialized_end=1193
-  _globals['_INGEST']._serialized_start=1196
-  _globals['_INGEST']._serialized_end=1500
-  _globals['_PREDICTOR']._serialized_start=1503
-  _globals['_PREDICTOR']._serialized_end=1660
+  _globals['_TASK']._serialized_end=247
+  _globals['_OPENDATASETREQUEST']._serialized_start=249
+  _globals['_OPENDATASETREQUEST']._serialized_end=316
+  _globals['_SHARDPROGRESS']._serialized_start=318
+  _globals['_SHARDPROGRESS']._serialized_end=411
+  _globals['_DATASETSTATE']._serialized_start=414
+  _globals['_DATASETSTATE']._serialized_end=578
+  _globals['_SHARDHEADER']._serialized_start=580
+  _globals['_SHARDHEADER']._serialized_end=651
+  _globals['_SHARDCHUNK']._serialized_start=653
+  _globals['_SHARDCHUNK']._serialized_end=743
+  _globals['_SHARDSTATE']._serialized_start=745
+  _globals['_SHARDSTATE']._serialized_end=805
+  _globals['_COMMITDATASETREQUEST']._serialized_start=807
+  _globals['_COMMITDATASETREQUEST']._serialized_end=849
+  _globals['_MODELINFOREQUEST']._serialized_start=851
+  _globals['_MODELINFOREQUEST']._serialized_end=869
+  _globals['_MODELINFO']._serialized_start=872
+  _globals['_MODELINFO']._serialized_end=1045
+  _globals['_PREDICTREQUEST']._serialized_start=1047
+  _globals['_PREDICTREQUEST']._serialized_end=1095
+  _globals['_PREDICTION']._serialized_start=1097
+  _globals['_PREDICTION']._serialized_end=1147
+  _globals['_PREDICTREPLY']._serialized_start=1149
+  _globals['_PREDICTREPLY']._serialized_end=1211
+  _globals['_INGEST']._serialized_start=1214
+  _globals['_INGEST']._serialized_end=1518
+  _globals['_PREDICTOR']._serialized_start=1521
+  _globals['_PREDICTOR']._serialized_end=1678
 # @@protoc_insertion_point(module_scope)

@@ -11,7 +11,7 @@ class GetTaskRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("run_name", "classes", "image_size", "block_size", "scheme", "format", "quality", "chroma", "owner_id")
+    __slots__ = ("run_name", "classes", "image_size", "block_size", "scheme", "format", "quality", "chroma", "owner_id", "key_mode")
     RUN_NAME_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class Task(_message.Message):
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     CHROMA_FIELD_NUMBER: _ClassVar[int]
     OWNER_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_MODE_FIELD_NUMBER: _ClassVar[int]
     run_name: str
     classes: _containers.RepeatedScalarFieldContainer[str]
     image_size: int
@@ -30,7 +31,8 @@ class Task(_message.Message):
     quality: int
     chroma: str
     owner_id: str
-    def __init__(self, run_name: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., image_size: _Optional[int] = ..., block_size: _Optional[int] = ..., scheme: _Optional[str] = ..., format: _Optional[str] = ..., quality: _Optional[int] = ..., chroma: _Optional[str] = ..., owner_id: _Optional[str] = ...) -> None: ...
+    key_mode: str
+    def __init__(self, run_name: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., image_size: _Optional[int] = ..., block_size: _Optional[int] = ..., scheme: _Optional[str] = ..., format: _Optional[str] = ..., quality: _Optional[int] = ..., chroma: _Optional[str] = ..., owner_id: _Optional[str] = ..., key_mode: _Optional[str] = ...) -> None: ...
 
 class OpenDatasetRequest(_message.Message):
     __slots__ = ("manifest_json", "new_key_domain")
