@@ -114,13 +114,14 @@ def prepare(folder: Path, out: Path, key: OwnerKey | None, task: Task, split: st
 
 
 def run_cell(cfg: ExperimentConfig, k: int, partition: str, strategy: str, shares, test_dir: Path,
-             classes: tuple[str, ...], work: Path) -> dict:
-    """Train one strategy on one split; evaluate every owner and the wrong key."""
+             classes: tuple[str, ...], work: Path, geometry: dict | None = None) -> dict:
+    """Train one strategy on one split; evaluate every owner and the wrong key. ``geometry``: Task
+    fields (scheme, image_size, block_size, chroma) replacing the default colour 32x32 block 16."""
     tag = f"k{k}-{partition}-{strategy}"
     shared = strategy in ("shared-key", "federated-shared-key")
     keys = {f"owner{i}": (None if strategy == "plain" else
                           key_for("shared" if shared else f"owner{i}", cfg.seed)) for i in range(k)}
-    task = Task(classes, scheme="plain" if strategy == "plain" else "color")  # 32x32, block 16, JPEG q85
+    task = Task(classes, **{"scheme": "plain" if strategy == "plain" else "color", **(geometry or {})})
     train, test = (), ()
     for i, share in enumerate(shares):
         owner = f"owner{i}"
