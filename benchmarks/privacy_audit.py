@@ -8,7 +8,9 @@ a public prior built from other CIFAR-10 images (disjoint from the attacked ones
 against the truth: the fraction of the key recovered (up to one mirror flip), images decrypted
 exactly (and up to that flip), SSIM/PSNR of the reconstructions, CPU seconds. The
 known-plaintext attack (M pairs) and the one-image-at-a-time attack are measured the same way.
-Figures are means over --keys keys.
+Figures are means over --keys keys. With --per-image-keys every image is encrypted under its own
+fresh random key (Task.key_mode per-image) and each attack is scored per image against that
+image's own key (owners/attacks/per_image_keys.py).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from benchmarks._common import ROOT, report
 from owners.attacks.ciphertext_only import ciphertext_only_attack
 from owners.attacks.known_plaintext import known_plaintext_attack
 from owners.attacks.per_image import per_image_attack
+from owners.attacks.per_image_keys import encrypt_each, score_each
 from owners.attacks.prior import NaturalImagePrior
 from owners.attacks.scoring import score_attack
 from owners.audit import as_uploaded, verdict_of
@@ -38,14 +41,19 @@ def load(items, size: int) -> np.ndarray:
     return np.stack([load_rgb(item.path, size)[0] for item in items])
 
 
-def measure(attack, geometry: CipherGeometry, codec: Codec, plain: np.ndarray, keys: int) -> dict:
-    """Mean score over ``keys`` fresh keys; ``attack(stored, cipher) -> (scores, seconds)``."""
+def measure(attack, geometry: CipherGeometry, codec: Codec, plain: np.ndarray, keys: int,
+            per_image_keys: bool = False) -> dict:
+    """Mean score over ``keys`` fresh keys (or, with ``per_image_keys``, as many draws of one fresh
+    key per image); ``attack(stored, truths) -> scores``, ``truths`` the true schedule of each image."""
     runs = []
     for _ in range(keys):
-        cipher = BlockCipher(secrets.token_bytes(32), geometry)
-        stored = as_uploaded(cipher, codec, plain)
+        if per_image_keys:
+            stored, truths = encrypt_each(plain, geometry, codec)
+        else:
+            cipher = BlockCipher(secrets.token_bytes(32), geometry)
+            stored, truths = as_uploaded(cipher, codec, plain), [cipher.schedule] * len(plain)
         start = time.process_time()
-        scores = attack(stored, cipher)
+        scores = attack(stored, truths)
         seconds = time.process_time() - start
         run = {f: float(np.mean([np.nan if getattr(s, f) is None else getattr(s, f) for s in scores]))
                for f in FIELDS}
@@ -55,25 +63,30 @@ def measure(attack, geometry: CipherGeometry, codec: Codec, plain: np.ndarray, k
     return mean
 
 
-def ciphertext_only(prior: NaturalImagePrior, plain: np.ndarray):
-    def attack(stored, cipher):
-        estimate = ciphertext_only_attack(stored, cipher.geometry, prior)
-        return [score_attack(estimate, cipher.schedule, cipher.geometry, stored, plain)]
+def ciphertext_only(prior: NaturalImagePrior, plain: np.ndarray, geometry: CipherGeometry, per_image_keys: bool):
+    """The pooled attack; under per-image keys its one schedule is scored against each image's own."""
+    def attack(stored, truths):
+        estimate = ciphertext_only_attack(stored, geometry, prior)
+        if per_image_keys:
+            return [score_each([estimate] * len(stored), truths, geometry, stored, plain)]
+        return [score_attack(estimate, truths[0], geometry, stored, plain)]
     return attack
 
 
-def known_plaintext(pairs: int, plain: np.ndarray):
-    def attack(stored, cipher):
-        estimate = known_plaintext_attack(plain[:pairs], stored[:pairs], cipher.geometry)
-        return [score_attack(estimate, cipher.schedule, cipher.geometry, stored[pairs:], plain[pairs:])]
+def known_plaintext(pairs: int, plain: np.ndarray, geometry: CipherGeometry, per_image_keys: bool):
+    """Schedule from the first ``pairs`` pairs, scored on every other image (against its own key)."""
+    def attack(stored, truths):
+        estimate = known_plaintext_attack(plain[:pairs], stored[:pairs], geometry)
+        if per_image_keys:
+            rest = len(stored) - pairs
+            return [score_each([estimate] * rest, truths[pairs:], geometry, stored[pairs:], plain[pairs:])]
+        return [score_attack(estimate, truths[0], geometry, stored[pairs:], plain[pairs:])]
     return attack
 
 
-def one_at_a_time(prior: NaturalImagePrior, plain: np.ndarray):
-    def attack(stored, cipher):
-        estimates = per_image_attack(stored, cipher.geometry, prior)
-        return [score_attack(e, cipher.schedule, cipher.geometry, stored[i:i + 1], plain[i:i + 1])
-                for i, e in enumerate(estimates)]
+def one_at_a_time(prior: NaturalImagePrior, plain: np.ndarray, geometry: CipherGeometry):
+    def attack(stored, truths):
+        return [score_each(per_image_attack(stored, geometry, prior), truths, geometry, stored, plain)]
     return attack
 
 
@@ -99,17 +112,20 @@ def geometry_rows(geometry: CipherGeometry, args, prior_items, attack_items) -> 
     counts = [int(c) for c in counts.split(",")]
     plain = load(attack_items[:max(counts)], geometry.height)
     prior = NaturalImagePrior.from_images(load(prior_items, geometry.height))
-    rows = []
+    rows, each = [], args.per_image_keys
+    mode = " (per-image keys)" if each else ""
     for m in (int(p) for p in args.pairs.split(",") if p):
-        result = measure(known_plaintext(m, plain[:m + 50]), geometry, codec, plain[:m + 50], args.keys)
-        rows.append(row("known plaintext", geometry, codec, f"{m} pair(s)", result))
+        result = measure(known_plaintext(m, plain[:m + 50], geometry, each), geometry, codec, plain[:m + 50],
+                         args.keys, each)
+        rows.append(row("known plaintext" + mode, geometry, codec, f"{m} pair(s)", result))
     for n in counts if args.ciphertext_only else []:
-        result = measure(ciphertext_only(prior, plain[:n]), geometry, codec, plain[:n], args.keys)
-        rows.append(row("ciphertext only", geometry, codec, str(n), result))
+        result = measure(ciphertext_only(prior, plain[:n], geometry, each), geometry, codec, plain[:n], args.keys,
+                         each)
+        rows.append(row("ciphertext only" + mode, geometry, codec, str(n), result))
     if geometry.scheme == "color" and args.per_image:
         k = args.per_image
-        result = measure(one_at_a_time(prior, plain[:k]), geometry, codec, plain[:k], args.keys)
-        rows.append(row("one image at a time", geometry, codec, f"1 (x{k})", result))
+        result = measure(one_at_a_time(prior, plain[:k], geometry), geometry, codec, plain[:k], args.keys, each)
+        rows.append(row("one image at a time" + mode, geometry, codec, f"1 (x{k})", result))
     for r in rows:
         print(" | ".join(str(v) for v in r), flush=True)
     return rows
@@ -127,6 +143,8 @@ def main() -> None:
                         help="skip the ciphertext-only attack (e.g. to measure one image at a time alone)")
     parser.add_argument("--per-image", type=int, default=20, help="images attacked one at a time (colour)")
     parser.add_argument("--keys", type=int, default=3, help="fresh random keys per measurement")
+    parser.add_argument("--per-image-keys", action="store_true",
+                        help="every image under its own fresh key (Task.key_mode per-image); scored per image")
     parser.add_argument("--prior-images", type=int, default=2000, help="public prior: CIFAR-10 images not attacked")
     parser.add_argument("--format", default="jpeg", choices=("jpeg", "png"))
     parser.add_argument("--quality", type=int, default=85)

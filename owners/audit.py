@@ -15,6 +15,11 @@ Verdict per attack (the thresholds, written down once):
 The overall verdict is the worst over the attacks that need no plain image (ciphertext-only and
 per-image): what a cloud can do with the uploads alone. Known plaintext is reported apart: it is
 always `broken` (one leaked pair reveals the schedule) and says what a leak costs.
+
+With per-image keys (``Task.key_mode = "per-image"``, ``owner-agent audit --per-image-keys``) every
+image is encrypted under its own fresh random key instead of the owner's, the same attacks run on
+what the cloud would then hold, and each is scored per image against that image's own key
+(:mod:`owners.attacks.per_image_keys`).
 """
 from __future__ import annotations
 
@@ -29,16 +34,15 @@ from owners.attacks.ciphertext_only import ciphertext_only_attack
 from owners.attacks.common import ScheduleCipher
 from owners.attacks.known_plaintext import known_plaintext_attack
 from owners.attacks.per_image import per_image_attack
+from owners.attacks.per_image_keys import encrypt_each, score_each
 from owners.attacks.prior import NaturalImagePrior
 from owners.attacks.scoring import Score, score_attack
 from owners.cipher import BlockCipher, CipherGeometry
 from owners.errors import OwnerError
 from owners.images import BadImage, load_rgb, scan_image_folder
 from protocol.codec import Codec, decode
+from protocol.privacy import BROKEN, VERDICTS, WEAK  # the thresholds the owner commands' verdict uses too
 
-BROKEN = {"key": 0.5, "exact": 0.5, "ssim": 0.6}
-WEAK = {"key": 0.1, "exact": 0.05, "ssim": 0.3, "layout": 0.5}
-VERDICTS = ("holds", "weak", "broken")
 PRIOR_EVERY = 5  # every fifth image is the attacker's prior, never attacked
 MIN_ATTACKED = 10
 
@@ -67,6 +71,7 @@ class AuditReport:
     codec: Codec
     attacked: int
     prior_images: int
+    per_image_keys: bool = False
     rows: list[AttackRow] = field(default_factory=list)
     picture: Path | None = None
 
@@ -79,6 +84,7 @@ class AuditReport:
         g = self.geometry
         return {"geometry": {"size": g.height, "block": g.block, "scheme": g.scheme},
                 "codec": self.codec.__dict__, "attacked_images": self.attacked, "prior_images": self.prior_images,
+                "key_mode": "per-image" if self.per_image_keys else "owner",
                 "verdict": self.verdict, "thresholds": {"broken": BROKEN, "weak": WEAK},
                 "attacks": [r.as_dict() for r in self.rows],
                 "picture": str(self.picture) if self.picture else None}
@@ -130,8 +136,9 @@ class AuditPlan:
 
 
 def run_audit(data: Path, secret: bytes, geometry: CipherGeometry, codec: Codec, plan: AuditPlan = AuditPlan(),
-              picture: Path | None = None, prior_data: Path | None = None) -> AuditReport:
-    """Every attack on the owner's images under the owner's key; the table and (optionally) the PNG."""
+              picture: Path | None = None, prior_data: Path | None = None, per_image_keys: bool = False) -> AuditReport:
+    """Every attack on the owner's images under the owner's key (or, with ``per_image_keys``, each
+    image under its own fresh random key); the table and (optionally) the PNG."""
     images = load_images(data, geometry.height, plan.limit)
     if prior_data is not None:
         prior_images, attacked = load_images(prior_data, geometry.height, plan.limit), images
@@ -139,43 +146,52 @@ def run_audit(data: Path, secret: bytes, geometry: CipherGeometry, codec: Codec,
         held_out = np.arange(len(images)) % PRIOR_EVERY == PRIOR_EVERY - 1
         prior_images, attacked = images[held_out], images[~held_out]
     prior = NaturalImagePrior.from_images(prior_images)
-    cipher = BlockCipher(secret, geometry)
-    stored = as_uploaded(cipher, codec, attacked)
-    report = AuditReport(geometry, codec, len(attacked), len(prior_images))
+    if per_image_keys:
+        stored, truths = encrypt_each(attacked, geometry, codec)
+    else:
+        cipher = BlockCipher(secret, geometry)
+        stored, truths = as_uploaded(cipher, codec, attacked), [cipher.schedule] * len(attacked)
+    scorer = _Scorer(geometry, truths, stored, attacked, per_image_keys)
+    report = AuditReport(geometry, codec, len(attacked), len(prior_images), per_image_keys)
     reconstructions = {}
     for m in plan.pairs:
         if m < len(attacked):
             estimate, seconds = _timed(known_plaintext_attack, attacked[:m], stored[:m], geometry)
-            report.rows.append(_row("known plaintext", m, estimate, cipher, stored[m:], attacked[m:], seconds))
+            report.rows.append(scorer.row("known plaintext", m, estimate, slice(m, None), seconds))
             reconstructions.setdefault("known plaintext", (estimate, f"{m} known pair" + "s" * (m > 1)))
     for n in sorted({min(c, len(attacked)) for c in plan.counts}):
         estimate, seconds = _timed(ciphertext_only_attack, stored[:n], geometry, prior)
-        report.rows.append(_row("ciphertext only", n, estimate, cipher, stored[:n], attacked[:n], seconds))
+        report.rows.append(scorer.row("ciphertext only", n, estimate, slice(0, n), seconds))
         reconstructions["ciphertext only"] = (estimate, f"{n} uploads only")
     if geometry.scheme == "color" and plan.per_image:
-        report.rows.append(_per_image_row(stored[:plan.per_image], attacked[:plan.per_image], cipher, prior))
+        estimates, seconds = _timed(per_image_attack, stored[:plan.per_image], geometry, prior)
+        report.rows.append(scorer.row("one image at a time", 1, estimates, slice(0, plan.per_image),
+                                      seconds / max(1, len(estimates))))
     if picture is not None:
         write_picture(picture, attacked, stored, reconstructions, geometry)
         report.picture = picture
     return report
 
 
-def _row(attack: str, held: int, estimate, cipher: BlockCipher, stored: np.ndarray, plain: np.ndarray,
-         seconds: float) -> AttackRow:
-    score = score_attack(estimate, cipher.schedule, cipher.geometry, stored, plain)
-    return AttackRow(attack, held, len(plain), score, seconds, verdict_of(score))
+@dataclass
+class _Scorer:
+    """Scores an estimate on a range of the attacked images against the truth the owner alone knows."""
 
+    geometry: CipherGeometry
+    truths: list  # the true schedule of every attacked image (all the same under the owner's key)
+    stored: np.ndarray
+    plain: np.ndarray
+    per_image_keys: bool
 
-def _per_image_row(stored: np.ndarray, plain: np.ndarray, cipher: BlockCipher,
-                   prior: NaturalImagePrior) -> AttackRow:
-    estimates, seconds = _timed(per_image_attack, stored, cipher.geometry, prior)
-    scores = [score_attack(e, cipher.schedule, cipher.geometry, stored[i:i + 1], plain[i:i + 1])
-              for i, e in enumerate(estimates)]
-    mean = {k: float(np.mean([getattr(s, k) for s in scores])) for k in
-            ("key", "position", "orientation", "negate", "channels", "exact", "exact_up_to_flip", "ssim", "psnr",
-             "arrangement")}
-    score = Score(**mean, mirrored=False)
-    return AttackRow("one image at a time", 1, len(plain), score, seconds / max(1, len(plain)), verdict_of(score))
+    def row(self, attack: str, held: int, estimate, images: slice, seconds: float) -> AttackRow:
+        """``estimate``: one schedule for every image, or a list of one per image (one image at a time)."""
+        stored, plain, truths = self.stored[images], self.plain[images], self.truths[images]
+        each = estimate if isinstance(estimate, list) else [estimate] * len(stored)
+        if self.per_image_keys or isinstance(estimate, list):
+            score = score_each(each, truths, self.geometry, stored, plain)
+        else:  # one key: the mirror reading is decided once for the whole key
+            score = score_attack(estimate, truths[0], self.geometry, stored, plain)
+        return AttackRow(attack, held, len(plain), score, seconds, verdict_of(score))
 
 
 def write_picture(path: Path, plain: np.ndarray, stored: np.ndarray, reconstructions: dict,
@@ -212,9 +228,10 @@ def _with_header(img: Image.Image, labels: list[str], column: int) -> Image.Imag
 def table_text(report: AuditReport) -> str:
     """The human-readable table printed by ``owner-agent audit``."""
     g = report.geometry
+    keys = "each image under its own fresh key" if report.per_image_keys else "one key"
     lines = [f"audit of {g.height}x{g.width} {g.scheme} EtC, {g.block}-pixel blocks, {report.codec.format} "
-             f"(q{report.codec.quality}): {report.attacked} images attacked, {report.prior_images} held out as "
-             "the attacker's prior",
+             f"(q{report.codec.quality}), {keys}: {report.attacked} images attacked, {report.prior_images} held out "
+             "as the attacker's prior",
              f"{'attack':<22}{'images':>7}{'key':>7}{'pos':>7}{'arr~':>7}{'orient':>7}{'neg':>7}{'chan':>7}"
              f"{'exact':>7}{'exact~':>7}{'SSIM':>7}{'PSNR':>7}{'s':>8}  verdict"]
     for r in report.rows:

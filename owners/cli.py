@@ -212,7 +212,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     key = _key(args.key, create=False)
     plan = AuditPlan(counts=counts, pairs=pairs, per_image=args.per_image, limit=args.limit)
     report = run_audit(Path(args.data), key.secret, geometry, codec, plan, Path(args.out),
-                       Path(args.prior) if args.prior else None)
+                       Path(args.prior) if args.prior else None, args.per_image_keys)
     print(json.dumps(report.as_dict(), indent=1) if args.json else table_text(report))
     _log(f"picture (plain | encrypted as uploaded | what each attack reconstructs) written to {args.out}")
     return 0
@@ -411,6 +411,8 @@ def _add_audit(sub) -> None:
                                                            "the attacker's prior (default 1250)")
     p.add_argument("--prior", help="plain public images of the same kind as the attacker's prior (default: a "
                                    "fifth of --data, held out)")
+    p.add_argument("--per-image-keys", action="store_true", help="audit the per-image-key strategy (task key_mode "
+                   "per-image): each image under its own fresh random key, each attack scored per image")
     _add_geometry(p)
     _add_codec(p)
     p.set_defaults(func=cmd_audit)

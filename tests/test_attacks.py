@@ -14,6 +14,7 @@ from owners.attacks.ciphertext_only import ciphertext_only_attack
 from owners.attacks.common import ScheduleCipher, mirrored
 from owners.attacks.known_plaintext import known_plaintext_attack
 from owners.attacks.per_image import per_image_attack
+from owners.attacks.per_image_keys import encrypt_each, score_each
 from owners.attacks.prior import NaturalImagePrior
 from owners.attacks.scoring import score_attack
 from owners.cipher import BlockCipher, CipherGeometry, derive_schedule
@@ -94,3 +95,14 @@ def test_per_image_attack_gives_one_schedule_per_image():
     estimates = per_image_attack(stored(cipher, images, Codec()), geometry, prior)
     assert len(estimates) == 3
     assert all(sorted(e.source) == list(range(4)) for e in estimates)
+
+
+def test_per_image_keys_give_every_image_its_own_schedule_and_score_against_it():
+    geometry = CipherGeometry(32, 32, 8, "color")
+    images = sample("test", 32, 6)
+    uploads, truths = encrypt_each(images, geometry, Codec("png"))
+    assert len({t.source.tobytes() for t in truths}) == 6  # fresh keys: no two schedules alike
+    exact = score_each(truths, truths, geometry, uploads, images)  # each image's own key decrypts it
+    assert exact.key == 1.0 and exact.exact == 1.0
+    shared = score_each([truths[0]] * 5, truths[1:], geometry, uploads[1:], images[1:])  # a leaked key
+    assert shared.key < 0.2 and shared.exact == 0.0

@@ -116,3 +116,16 @@ def test_orchestrator_check_prints_the_verdict(capsys):
     config = Path(__file__).resolve().parents[1] / "deploy" / "local-cpu.yaml"
     assert orchestrator_main(["check", str(config)]) == 0
     assert "PRIVACY VERDICT: broken. 32x32 color EtC in 16-pixel blocks" in capsys.readouterr().err
+
+
+def test_per_image_keys_audit_scores_each_image_against_its_own_key(tmp_path):
+    """Under per-image keys the pooled attack and one leaked pair recover (almost) nothing of the other
+    images' keys, where under one key they recover all of it (the test above)."""
+    report = run_audit(SAMPLE / "train", bytes(range(32)), CipherGeometry(32, 32, 8, "color"), Codec(),
+                       AuditPlan(counts=(150,), pairs=(1,), per_image=2, limit=200), tmp_path / "a.png",
+                       per_image_keys=True)
+    rows = {r.attack: r for r in report.rows}
+    assert report.per_image_keys and report.as_dict()["key_mode"] == "per-image"
+    assert rows["known plaintext"].score.key < 0.1 and rows["known plaintext"].score.exact_up_to_flip == 0.0
+    assert rows["ciphertext only"].score.key < 0.1 and rows["ciphertext only"].score.ssim < 0.3
+    assert rows["one image at a time"].scored == 2

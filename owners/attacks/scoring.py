@@ -126,3 +126,16 @@ def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> np.ndarray:
         smap = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
         out += smap.reshape(len(a), -1).mean(axis=1)
     return out / a.shape[-1]
+
+
+MEAN_FIELDS = ("key", "position", "orientation", "negate", "channels", "exact", "exact_up_to_flip", "ssim", "psnr",
+               "arrangement")
+
+
+def mean_score(scores: list[Score]) -> Score:
+    """One Score from per-image scores (each image scored on its own, e.g. against its own key):
+    the mean of every figure; ``mirrored`` when most images were read as their mirror image."""
+    def mean(name: str) -> float | None:
+        values = [getattr(s, name) for s in scores]
+        return None if any(v is None for v in values) else float(np.mean(values))
+    return Score(**{k: mean(k) for k in MEAN_FIELDS}, mirrored=bool(np.mean([s.mirrored for s in scores]) > 0.5))
