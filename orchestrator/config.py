@@ -16,7 +16,7 @@ import yaml
 
 from mlcore.settings import PRECISIONS, STRATEGIES, TrainSettings, bounded, range_errors
 from protocol.net import is_loopback, split_listen
-from protocol.privacy import verdict_text
+from protocol.privacy import privacy_verdict
 from protocol.task import Task, TaskError, is_safe_name
 
 OWNER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -402,8 +402,8 @@ def load_dataclass(cls: type, path: Path | str):
 
 
 def privacy_warning(task: Task) -> str | None:
-    """The owners' privacy verdict on the task's cipher geometry, in their words, for `orchestrator
-    check`; None for plain tasks."""
+    """The owners' privacy verdict on the task's cipher geometry and key mode, in their words, for
+    `orchestrator check`; None for plain tasks."""
     if not task.encrypted:
         return None
-    return verdict_text(task.scheme, task.image_size, task.image_size, task.block_size)
+    return privacy_verdict(task.scheme, task.image_size, task.image_size, task.block_size, task.key_mode)[1]

@@ -14,13 +14,13 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from owners.encrypt import LOCAL_DIR, EncryptSettings, encrypt_folder
-from owners.errors import TaskMismatch
+from owners.encrypt import LOCAL_DIR, EncryptSettings, encrypt_folder, key_for_task
 from owners.files import private_dir
 from owners.images import scan_image_folder
 from owners.keys import OwnerKey, keyring_dir
 from owners.upload import Connection, IngestClient, upload_outbox
 from protocol.shards import MANIFEST_NAME, atomic_write
+from protocol.task import PER_IMAGE_KEY_ID
 
 
 def default_outbox(server: str, run_name: str, owner_id: str, split: str, key_id: str | None) -> Path:
@@ -56,8 +56,11 @@ def encrypt_unless_current(data: Path, outbox: Path, key: OwnerKey | None, setti
 
 def run_agent(key: OwnerKey | None, data: Path, conn: Connection, split: str, outbox: Path | None = None,
               new_key_domain: bool = False, progress: bool | None = None, shard_images: int = 10_000,
-              allow_weak_geometry: bool = False) -> dict:
-    """Fetch the task, encrypt ``data`` for it, upload and commit. Returns a summary dict."""
+              accept_cloud_can_decrypt: bool = False, plain_ok: bool = True) -> dict:
+    """Fetch the task, encrypt ``data`` for it, upload and commit. Returns a summary dict.
+
+    The task's privacy verdict is shown before the outbox is made; ``broken`` is refused (CloudCanDecrypt,
+    nothing written or sent) unless ``accept_cloud_can_decrypt``."""
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -66,14 +69,12 @@ def run_agent(key: OwnerKey | None, data: Path, conn: Connection, split: str, ou
     try:
         offer = client.get_task()
         task = offer.task
-        if task.encrypted != (key is not None):
-            raise TaskMismatch(f"the server's task uses scheme {task.scheme!r}: "
-                               + ("a --key is required" if task.encrypted else "use --plain (no key)"))
-        offer.checked_geometry(allow_weak_geometry, log)
+        key = key_for_task(task, key, plain_ok, "the server's task", log)  # none for per-image keys
+        offer.checked_privacy(accept_cloud_can_decrypt, log)
         settings = EncryptSettings(task=task, split=split, shard_images=shard_images)
         log(f"{offer.describe()}, {task.format}")
-        outbox = outbox or default_outbox(conn.server, offer.run_name, offer.owner_id, split,
-                                          None if key is None else key.key_id)
+        key_id = PER_IMAGE_KEY_ID if task.per_image_keys else None if key is None else key.key_id
+        outbox = outbox or default_outbox(conn.server, offer.run_name, offer.owner_id, split, key_id)
         private_dir(outbox)
         encrypt_unless_current(data, outbox, key, settings, progress, log)
         state = upload_outbox(outbox, client, new_key_domain, progress)

@@ -30,7 +30,7 @@ import numpy as np
 
 from owners.errors import OwnerError
 from owners.keys import KeyStream
-from protocol.privacy import MIN_BLOCKS, verdict_text
+from protocol.privacy import privacy_verdict as shared_verdict
 from protocol.task import ENCRYPTED_SCHEMES, Task
 
 SCHEMES = ENCRYPTED_SCHEMES
@@ -101,30 +101,39 @@ class CipherGeometry:
 WARN_BELOW_BITS = 128  # a key space below this gets a warning on every use
 
 
-class WeakGeometry(OwnerError):
-    """The geometry leaves too few blocks to hide anything; the owner must opt in explicitly."""
+ACCEPT_FLAG = "--accept-cloud-can-decrypt"
 
 
-def privacy_verdict(geometry: CipherGeometry) -> tuple[str, str]:
-    """The audit's verdict for a geometry and why, in one sentence with the measured numbers; the same
-    words everywhere the verdict is shown (``protocol/privacy.py``)."""
+class CloudCanDecrypt(OwnerError):
+    """The privacy verdict on these settings is ``broken`` and the owner did not pass ACCEPT_FLAG."""
+
+
+def privacy_verdict(geometry: CipherGeometry, key_mode: str = "owner") -> tuple[str, str]:
+    """The audit's verdict for a geometry and key mode and why, in one sentence with the measured
+    numbers; the same words everywhere the verdict is shown (``protocol/privacy.py``)."""
     g = geometry
-    return "broken", verdict_text(g.scheme, g.height, g.width, g.block)
+    return shared_verdict(g.scheme, g.height, g.width, g.block, key_mode)
 
 
-def strength_warning(geometry: CipherGeometry, allow_weak: bool = False) -> str | None:
-    """Refuse a geometry that one image at a time already breaks (fewer than MIN_BLOCKS blocks)
-    unless ``allow_weak``; otherwise return the audit's verdict, shown before anything is sent.
+def privacy_gate(geometry: CipherGeometry, key_mode: str, accept_cloud_can_decrypt: bool, log) -> str:
+    """Show the verdict before anything is written or sent for the cloud; refuse ``broken`` unless the
+    owner accepted it for this command. Returns the verdict.
 
-    Settings the pooled attack breaks (every geometry measured, given enough images under one key)
-    are shown the verdict, not refused: the owner decides with the numbers in front of it.
+    ``broken`` is refused, not just shown: the owner's one reason to upload to an untrusted cloud is
+    that the cloud cannot see the images, and for these settings a measured attack (or one assumed to
+    succeed) shows that it can. The flag names that risk, so passing it is a decision, not a habit.
     """
-    g = geometry
-    verdict, text = privacy_verdict(g)
-    if g.num_blocks < MIN_BLOCKS and not allow_weak:
-        raise WeakGeometry(f"{text}. Refused; pass --allow-weak-geometry to accept that each image can be "
-                           "decrypted without the key")
-    return text if verdict != "holds" else None
+    verdict, text = privacy_verdict(geometry, key_mode)
+    if verdict == "broken" and not accept_cloud_can_decrypt:
+        raise CloudCanDecrypt(f"{text}. Refused: nothing was written or sent. Pass {ACCEPT_FLAG} to accept that a "
+                              "cloud running these attacks can see your images")
+    if verdict == "broken":
+        log(f"{text}. Accepted for this command with {ACCEPT_FLAG}")
+    elif verdict == "weak":
+        log(f"warning: {text}")
+    else:
+        log(text)
+    return verdict
 
 
 @dataclass(frozen=True)

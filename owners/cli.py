@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from owners import __version__
-from owners.cipher import SCHEMES, CipherGeometry, strength_warning
+from owners.cipher import ACCEPT_FLAG, SCHEMES, CipherGeometry, privacy_gate
 from owners.errors import OwnerError
 from owners.keys import (
     KeyringError,
@@ -120,13 +120,14 @@ def _task_from_flags(args: argparse.Namespace) -> Task:
 
     block = args.block or DEFAULT_BLOCK[args.scheme]
     if not args.plain:  # the cipher's own check names the flag values (--size, --block)
-        warning = strength_warning(CipherGeometry(args.size, args.size, block, args.scheme), args.allow_weak_geometry)
-        if warning:
-            _log(warning)
+        CipherGeometry(args.size, args.size, block, args.scheme)
     classes = (tuple(c.strip() for c in args.classes.split(",")) if args.classes
                else scan_image_folder(Path(args.data)).classes)
-    return Task(classes, args.size, block, "plain" if args.plain else args.scheme, args.format, args.quality,
+    task = Task(classes, args.size, block, "plain" if args.plain else args.scheme, args.format, args.quality,
                 args.chroma)
+    if task.encrypted:  # the outbox is what the cloud will hold: the verdict before anything is written
+        privacy_gate(CipherGeometry.for_task(task), task.key_mode, args.accept_cloud_can_decrypt, _log)
+    return task
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
@@ -136,7 +137,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
     conn = _connection(args, retries=args.retries, max_rate=args.max_rate)
     summary = run_agent(key, Path(args.data), conn, args.split, Path(args.outbox) if args.outbox else None,
                         args.new_key_domain, progress=False if args.no_progress else None,
-                        shard_images=args.shard_images, allow_weak_geometry=args.allow_weak_geometry)
+                        shard_images=args.shard_images, accept_cloud_can_decrypt=args.accept_cloud_can_decrypt)
     print(json.dumps(summary))
     return 0
 
@@ -156,7 +157,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                     progress=progress)
     else:
         results = predict_images(key, [Path(p) for p in args.images], _connection(args, "predict"), top=args.top,
-                                 allow_weak_geometry=args.allow_weak_geometry, log=_log, progress=progress)
+                                 accept_cloud_can_decrypt=args.accept_cloud_can_decrypt, log=_log,
+                                 progress=progress)
     if args.output:
         write_results(results, Path(args.output))
     else:
@@ -178,8 +180,7 @@ def cmd_federate(args: argparse.Namespace) -> int:
     if args.insecure and not is_loopback(args.flower):
         raise SystemExit("owner-agent federate: --insecure is only allowed towards a loopback address")
     config = prepare_federation(args.key, key, Path(args.data), Path(args.test_data) if args.test_data else None,
-                                conn, args.adapter_init, False if args.no_progress else None, _log,
-                                args.allow_weak_geometry)
+                                conn, args.adapter_init, False if args.no_progress else None, _log)
     return run_supernode(args.flower, config, Path(args.ca_file) if args.ca_file else None, args.insecure, _log)
 
 
@@ -289,10 +290,29 @@ def _add_connection(p: argparse.ArgumentParser, server_help: str, required: bool
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC; only to a loopback address")
 
 
-def _add_weak_geometry(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--allow-weak-geometry", action="store_true",
-                   help="accept a geometry of fewer than 4 blocks, which one image at a time breaks: each image has "
-                        "so few possible encryptions that they can all be tried (privacy verdict: broken)")
+class _DeprecatedFlag(argparse.Action):
+    """An old flag that still works: says once what it means now, then sets ``dest``."""
+
+    def __init__(self, *args, meaning: str, **kwargs) -> None:
+        super().__init__(*args, nargs=0, **kwargs)
+        self.meaning = meaning
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        _log(f"owner-agent: {option_string} is deprecated: {self.meaning}")
+        setattr(namespace, self.dest, True)
+
+
+def _add_accept(p: argparse.ArgumentParser) -> None:
+    """The flag that lets an owner send what the privacy verdict calls ``broken``. Per command on
+    purpose: it is never saved (not in a profile, not in a key), so a new task, geometry or key mode
+    shows its verdict and is refused again until the owner accepts that one."""
+    p.add_argument(ACCEPT_FLAG, dest="accept_cloud_can_decrypt", action="store_true",
+                   help="accept that a cloud running the published attacks can decrypt what this command sends: "
+                        "go on although the privacy verdict for the task's settings is `broken` (docs/privacy.md). "
+                        "For this command only; never saved")
+    p.add_argument("--allow-weak-geometry", dest="accept_cloud_can_decrypt", action=_DeprecatedFlag,
+                   default=False, help=argparse.SUPPRESS, meaning=f"it now means {ACCEPT_FLAG} (fewer than 4 "
+                   "blocks is one of the settings the privacy verdict calls broken)")
 
 
 def _add_upload(sub) -> None:
@@ -309,7 +329,7 @@ def _add_upload(sub) -> None:
     p.add_argument("--max-rate", type=float, help="upload bandwidth cap in bytes/s (default: none)")
     p.add_argument("--shard-images", type=int, default=10_000, help="images per shard (default 10000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_weak_geometry(p)
+    _add_accept(p)
     p.set_defaults(func=cmd_upload)
 
 
@@ -328,7 +348,7 @@ def _add_encrypt(sub) -> None:
                    help="stop when more than this fraction of files cannot be used (default 0.2)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing outbox in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_weak_geometry(p)
+    _add_accept(p)
     p.set_defaults(func=cmd_encrypt)
 
 
@@ -358,12 +378,13 @@ def _add_predict(sub) -> None:
     p.add_argument("--output", metavar="FILE", help="write the results to FILE (.csv or .json) instead of stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively), any number")
-    _add_weak_geometry(p)
+    _add_accept(p)
     p.set_defaults(func=cmd_predict)
 
 
 def _add_federate(sub) -> None:
-    p = sub.add_parser("federate", help="join a federated training: your data and your adapter stay here")
+    p = sub.add_parser("federate", help="join a federated training: your data and your adapter stay here. Shows the "
+                                        "task's privacy verdict but refuses nothing: no image leaves this machine")
     p.add_argument("--key", required=True, help="key name or key file (never created here)")
     p.add_argument("--data", required=True, help="training images, DIR/<class>/<image>")
     p.add_argument("--test-data", help="test images evaluated each round (optional)")
@@ -372,7 +393,8 @@ def _add_federate(sub) -> None:
     p.add_argument("--adapter-init", choices=("key", "learned"), default="key",
                    help="start your private adapter at your key's exact inverse (default) or learn it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_weak_geometry(p)
+    p.add_argument("--allow-weak-geometry", dest="accepted_nothing", action=_DeprecatedFlag, default=False,
+                   help=argparse.SUPPRESS, meaning="federate refuses nothing (no image leaves this machine)")
     p.set_defaults(func=cmd_federate)
 
     p = sub.add_parser("node-key", help="print the public key your SuperNode authenticates with (federated, TLS)")

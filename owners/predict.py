@@ -114,17 +114,22 @@ class _Service:
 
 
 def predict_images(key: OwnerKey | None, inputs: list[Path], conn: Connection, top: int = 3,
-                   allow_weak_geometry: bool = False, log=None, progress: bool | None = None) -> list[PredictionResult]:
+                   accept_cloud_can_decrypt: bool = False, log=None,
+                   progress: bool | None = None) -> list[PredictionResult]:
     """Ask the cloud's prediction service about any number of files and folders, in batches within
     the limits the service states; one result per image, in order. A refusal of the whole request
-    (wrong key id, wrong token) is raised once, as a ServiceError."""
+    (wrong key id, wrong token) is raised once, as a ServiceError.
+
+    A query image encrypted under the owner's key is evidence about that key like an upload: the task's
+    privacy verdict is shown first and ``broken`` refused (CloudCanDecrypt, no image sent) unless
+    ``accept_cloud_can_decrypt``."""
     paths = image_paths(inputs)
     try:
         service = _Service(conn)
     except grpc.RpcError as exc:
         raise service_error("predict", exc) from None
     try:
-        task = _checked_task(service.info, key, allow_weak_geometry, log)
+        task = _checked_task(service.info, key, accept_cloud_can_decrypt, log)
         results: dict[str, PredictionResult] = {}
         with tqdm(total=len(paths), unit="img", desc="predict", file=sys.stderr, disable=progress is False) as bar:
             for step in range(0, len(paths), PATHS_PER_STEP):
@@ -140,13 +145,13 @@ def predict_images(key: OwnerKey | None, inputs: list[Path], conn: Connection, t
         service.channel.close()
 
 
-def _checked_task(info: pb.ModelInfo, key: OwnerKey | None, allow_weak_geometry: bool, log) -> Task:
+def _checked_task(info: pb.ModelInfo, key: OwnerKey | None, accept_cloud_can_decrypt: bool, log) -> Task:
     offer = ServerTask.from_pb(info.task)
     task = offer.task
     if task.encrypted != (key is not None):
         raise TaskMismatch(f"the model's task uses scheme {task.scheme!r}: "
                            + ("a --key is required" if task.encrypted else "use --plain"))
-    offer.checked_geometry(allow_weak_geometry, log or (lambda msg: print(msg, file=sys.stderr)))
+    offer.checked_privacy(accept_cloud_can_decrypt, log or (lambda msg: print(msg, file=sys.stderr)))
     return task
 
 

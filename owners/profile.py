@@ -7,6 +7,12 @@ The folder is 0700. ``owner-agent join SERVER --token-file F`` first asks the se
 with that token (so a typo or a wrong certificate is found now, not at the first upload), then
 saves. Flags given to a command override its profile's fields; ``--profile NAME`` picks one of
 several (``default`` otherwise).
+
+A profile never holds ``--accept-cloud-can-decrypt``: accepting that the cloud can decrypt what is
+sent is a decision about one task's settings, and the same profile later reaches a task with other
+settings (the operator changes the geometry or key mode, a new run starts). Saved, the acceptance
+would silently cover settings the owner never saw the verdict for; so it is a flag of each command,
+and a profile file that names it is refused as malformed (``Profile`` has no such field).
 """
 from __future__ import annotations
 

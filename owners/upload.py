@@ -32,7 +32,7 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
-from owners.cipher import CipherGeometry, strength_warning
+from owners.cipher import CipherGeometry, privacy_gate, privacy_verdict
 from owners.errors import ServiceError
 from protocol.net import CHUNK_BYTES, MAX_MESSAGE_BYTES, is_loopback_host
 from protocol.proto import ingest_pb2 as pb
@@ -79,12 +79,17 @@ class ServerTask:
                                    "'.', '_', '-'); refusing to use it in a path")
         return cls(Task.from_pb(message), message.run_name, message.owner_id)
 
-    def checked_geometry(self, allow_weak: bool, log) -> None:
-        """Refuse a geometry that hides nothing (unless the owner insists); warn when it is weak."""
+    def checked_privacy(self, accept_cloud_can_decrypt: bool, log) -> None:
+        """Before images encrypted for this task are written or sent: show the privacy verdict for the
+        task's geometry and key mode, and refuse ``broken`` unless the owner accepted it."""
         if self.task.encrypted:
-            warning = strength_warning(CipherGeometry.for_task(self.task), allow_weak)
-            if warning:
-                log(warning)
+            privacy_gate(CipherGeometry.for_task(self.task), self.task.key_mode, accept_cloud_can_decrypt, log)
+
+    def privacy_note(self) -> str | None:
+        """The verdict as information only, for commands whose images never leave the machine."""
+        if not self.task.encrypted:
+            return None
+        return privacy_verdict(CipherGeometry.for_task(self.task), self.task.key_mode)[1]
 
     def describe(self) -> str:
         t = self.task
