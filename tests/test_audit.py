@@ -91,14 +91,16 @@ def test_encrypt_shows_the_verdict_and_refuses_what_one_image_breaks(tmp_path, m
     for name in sorted((SAMPLE / "test" / "cat").iterdir())[:3]:
         (data / name.name).write_bytes(name.read_bytes())
     base = ["encrypt", "--key", "k", "--data", str(tmp_path / "data"), "--no-progress"]
-    assert main([*base, "--out", str(tmp_path / "o1")]) == 0
+    assert main([*base, "--out", str(tmp_path / "o1"), "--accept-cloud-can-decrypt"]) == 0
     err = capsys.readouterr().err
     assert "PRIVACY VERDICT: broken. 32x32 color EtC in 16-pixel blocks: from 30 encrypted images" in err
     assert err.index("PRIVACY VERDICT") < err.index("outbox ready")
     assert main([*base, "--out", str(tmp_path / "o2"), "--block", "32"]) == 1
-    assert "Refused; pass --allow-weak-geometry" in capsys.readouterr().err and not (tmp_path / "o2").exists()
-    assert main([*base, "--out", str(tmp_path / "o3"), "--block", "32", "--allow-weak-geometry"]) == 0
-    assert "1 block(s): 96 ways to encrypt an image" in capsys.readouterr().err
+    assert "Refused: nothing was written or sent. Pass --accept-cloud-can-decrypt" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+    assert main([*base, "--out", str(tmp_path / "o3"), "--block", "32", "--allow-weak-geometry"]) == 0  # deprecated
+    err = capsys.readouterr().err
+    assert "1 block(s): 96 ways to encrypt an image" in err and "--allow-weak-geometry is deprecated" in err
 
 
 @pytest.mark.parametrize("size,block,scheme", [*[(s, b, sc) for sc, s, b in sorted(MEASURED_BREAKS)], (48, 16, "color"),

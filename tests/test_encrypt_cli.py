@@ -28,7 +28,8 @@ def owner_home(tmp_path, monkeypatch):
 
 def encrypt(tmp_path, name, *extra, key="alice"):
     out = tmp_path / name
-    args = ["encrypt", "--data", str(SAMPLE), "--out", str(out), "--no-progress", *extra]
+    args = ["encrypt", "--data", str(SAMPLE), "--out", str(out), "--no-progress", *extra,
+            "--accept-cloud-can-decrypt"]
     if "--plain" not in extra:
         args += ["--key", key]
     assert main(args) == 0
@@ -119,7 +120,8 @@ def test_corrupted_shard_is_named(tmp_path, capsys):
 def test_existing_outbox_is_not_overwritten_without_asking(tmp_path, capsys):
     out = encrypt(tmp_path, "o")
     before = folder_bytes(out)
-    assert main(["encrypt", "--key", "alice", "--data", str(SAMPLE), "--out", str(out), "--no-progress"]) == 1
+    assert main(["encrypt", "--key", "alice", "--data", str(SAMPLE), "--out", str(out), "--no-progress",
+                 "--accept-cloud-can-decrypt"]) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert folder_bytes(out) == before
 
@@ -131,13 +133,13 @@ def test_existing_outbox_is_not_overwritten_without_asking(tmp_path, capsys):
 ])
 def test_bad_arguments_get_clear_errors(tmp_path, capsys, args, words):
     assert main(["encrypt", "--key", "alice", "--data", str(SAMPLE), "--out", str(tmp_path / "x"),
-                 "--no-progress", *args]) == 1
+                 "--no-progress", "--accept-cloud-can-decrypt", *args]) == 1
     assert words in capsys.readouterr().err
 
 
 def test_unknown_class_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["encrypt", "--key", "alice", "--data", str(SAMPLE), "--out", str(tmp_path / "x"),
-                 "--classes", "airplane,automobile", "--no-progress"]) == 1
+                 "--classes", "airplane,automobile", "--no-progress", "--accept-cloud-can-decrypt"]) == 1
     assert "bird" in capsys.readouterr().err
 
 

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from owners.agent import run_agent
-from owners.cipher import WeakGeometry
+from owners.cipher import CloudCanDecrypt
 from owners.decrypt import decrypt_folder
 from owners.encrypt import EncryptSettings, encrypt_folder
 from owners.errors import OwnerError, ServiceError
@@ -65,7 +65,7 @@ def honest_task(**changes) -> pb.Task:
     ({"owner_id": ".."}, ServiceError, "owner id"),
     ({"owner_id": "a/../../b"}, ServiceError, "owner id"),
     ({"image_size": 65536, "block_size": 16}, TaskError, "image_size"),
-    ({"image_size": 32, "block_size": 32}, WeakGeometry, "--allow-weak-geometry"),  # one block: 96 ciphertexts
+    ({"image_size": 32, "block_size": 32}, CloudCanDecrypt, "--accept-cloud-can-decrypt"),  # one block: 96 ciphertexts
 ])
 def test_a_lying_task_is_refused_before_anything_is_written(lying_server, tmp_path, monkeypatch, changes, error,
                                                              words):
@@ -84,7 +84,7 @@ def test_weak_geometry_is_the_owners_explicit_choice(lying_server, tmp_path, mon
     servicer.task = honest_task(image_size=32, block_size=32)
     monkeypatch.setenv("OWNER_AGENT_HOME", str(tmp_path / "home"))
     with pytest.raises(OwnerError):  # accepted, then the lying server refuses the upload
-        run_agent(KEY, SAMPLE, conn, "train", progress=False, allow_weak_geometry=True)
+        run_agent(KEY, SAMPLE, conn, "train", progress=False, accept_cloud_can_decrypt=True)
     assert list((tmp_path / "home" / "outbox").rglob("manifest.json"))  # it did encrypt, as asked
 
 

@@ -308,7 +308,8 @@ def test_scan_missing_or_flat_folder(tmp_path):
 # --- 3. owner-agent encrypt end to end --------------------------------------------------------------
 
 def _encrypt(data: Path, out: Path, *extra: str) -> int:
-    return main(["encrypt", "--key", "alice", "--data", str(data), "--out", str(out), "--no-progress", *extra])
+    return main(["encrypt", "--key", "alice", "--data", str(data), "--out", str(out), "--no-progress",
+                 "--accept-cloud-can-decrypt", *extra])
 
 
 @pytest.fixture

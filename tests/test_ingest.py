@@ -257,7 +257,7 @@ def test_canary_key_never_reaches_the_server(server, tmp_path, monkeypatch):
     canary = b"CANARY-ingest-0123456789abcdefgh"
     monkeypatch.setenv("OWNER_AGENT_HOME", str(tmp_path / "home"))
     run_agent(OwnerKey("canary", canary), SAMPLE, Connection(server.addr, TOKENS["hospital-a"]), "test",
-              progress=False)
+              progress=False, accept_cloud_can_decrypt=True)
     needles = [canary, canary.hex().encode(), base64.b64encode(canary), TOKENS["hospital-a"].encode()]
     files = [p for p in server.root.rglob("*") if p.is_file()]
     assert any(p.name == "ingest.log" for p in files) and len(stored_objects(server)) == 1

@@ -64,7 +64,7 @@ def start_agent(tmp_path, port, owner, procs, *extra):
     proc = subprocess.Popen(
         [sys.executable, "-m", "owners.cli", "--key", f"key-{owner}", "--data", str(SAMPLE),
          "--server", f"127.0.0.1:{port}", "--token-file", str(tmp_path / f"{owner}.token"),
-         "--shard-images", "150", "--no-progress", *extra],
+         "--shard-images", "150", "--no-progress", "--accept-cloud-can-decrypt", *extra],
         stdout=out, stderr=out, env=env, cwd=ROOT)
     procs.append(proc)
     return proc

@@ -140,12 +140,16 @@ def test_launch_trains_on_two_owners_reports_and_serves(tmp_path, monkeypatch, c
         folders = owner_folders(tmp_path / "data", per_class=30)
         monkeypatch.setenv("OWNER_AGENT_HOME", str(tmp_path / "home"))
         conn = {o: Connection(f"127.0.0.1:{ingest_port}", t) for o, t in TOKENS.items()}
-        run_agent(SHARED, folders["hospital-a"] / "train", conn["hospital-a"], "train", progress=False)
-        run_agent(SHARED, folders["hospital-a"] / "test", conn["hospital-a"], "test", progress=False)
-        run_agent(SHARED, folders["hospital-b"] / "test", conn["hospital-b"], "test", progress=False)
+        run_agent(SHARED, folders["hospital-a"] / "train", conn["hospital-a"], "train", progress=False,
+                  accept_cloud_can_decrypt=True)
+        run_agent(SHARED, folders["hospital-a"] / "test", conn["hospital-a"], "test", progress=False,
+                  accept_cloud_can_decrypt=True)
+        run_agent(SHARED, folders["hospital-b"] / "test", conn["hospital-b"], "test", progress=False,
+                  accept_cloud_can_decrypt=True)
         run_agent(PRIVATE, folders["hospital-b"] / "test", conn["hospital-b"], "test", new_key_domain=True,
-                  progress=False)
-        run_agent(SHARED, folders["hospital-b"] / "train", conn["hospital-b"], "train", progress=False)
+                  progress=False, accept_cloud_can_decrypt=True)
+        run_agent(SHARED, folders["hospital-b"] / "train", conn["hospital-b"], "train", progress=False,
+                  accept_cloud_can_decrypt=True)
 
         # the dashboard answers while the model trains
         wait_until(lambda: any(m.startswith("training ") for m in messages), "training to start")
@@ -169,17 +173,21 @@ def test_launch_trains_on_two_owners_reports_and_serves(tmp_path, monkeypatch, c
         check_ray_metrics(report["run"])
 
         images = sorted((folders["hospital-a"] / "test").glob("*/*.jpg"))[:5]
-        results = predict_images(SHARED, images, Connection(f"127.0.0.1:{serve_port}", TOKENS["hospital-a"]))
+        results = predict_images(SHARED, images, Connection(f"127.0.0.1:{serve_port}", TOKENS["hospital-a"]),
+                                  accept_cloud_can_decrypt=True)
         assert [r.path for r in results] == [str(p) for p in images]
         for r in results:
             assert r.error is None and r.top[0][0] in CLASSES and 0 <= r.top[0][1] <= 1
         with pytest.raises(ServiceError, match="not trained on key id"):
-            predict_images(PRIVATE, images[:1], Connection(f"127.0.0.1:{serve_port}", TOKENS["hospital-b"]))
+            predict_images(PRIVATE, images[:1], Connection(f"127.0.0.1:{serve_port}", TOKENS["hospital-b"]),
+                           accept_cloud_can_decrypt=True)
         with pytest.raises(ServiceError, match="UNAUTHENTICATED"):
-            predict_images(SHARED, images[:1], Connection(f"127.0.0.1:{serve_port}", "wrong-token"))
+            predict_images(SHARED, images[:1], Connection(f"127.0.0.1:{serve_port}", "wrong-token"),
+                           accept_cloud_can_decrypt=True)
         # an owner sees and uses only the key ids it uploaded under, never another owner's
         with pytest.raises(ServiceError, match="PERMISSION_DENIED: key id .* is not one you uploaded under"):
-            predict_images(PRIVATE, images[:1], Connection(f"127.0.0.1:{serve_port}", TOKENS["hospital-a"]))
+            predict_images(PRIVATE, images[:1], Connection(f"127.0.0.1:{serve_port}", TOKENS["hospital-a"]),
+                           accept_cloud_can_decrypt=True)
         with grpc.insecure_channel(f"127.0.0.1:{serve_port}") as channel:
             info = pb_grpc.PredictorStub(channel).GetModelInfo(
                 pb.ModelInfoRequest(), metadata=(("authorization", f"Bearer {TOKENS['hospital-a']}"),), timeout=30)

@@ -71,7 +71,7 @@ def run_cli(tmp_path, monkeypatch, service, *args) -> int | str:
     token.chmod(0o600)
     try:
         return owner_agent(["predict", "--key", KEY.name, "--server", f"127.0.0.1:{service.port}", "--token-file",
-                            str(token), "--no-progress", *map(str, args)])
+                            str(token), "--no-progress", "--accept-cloud-can-decrypt", *map(str, args)])
     except SystemExit as exc:
         return exc.code
 

@@ -32,7 +32,7 @@ def test_join_then_the_readme_command_uploads(server, home, tmp_path, capsys):  
         assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
     home.unlink()  # the profile does not depend on the file the token came from
 
-    assert owner_agent(["--key", "mykey", "--data", str(SAMPLE), "--no-progress"]) == 0
+    assert owner_agent(["--key", "mykey", "--data", str(SAMPLE), "--no-progress", "--accept-cloud-can-decrypt"]) == 0
     json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the upload's summary line
     assert catalog(server, "SELECT owner, committed, images FROM datasets") == [("hospital-a", 1, 200)]
 
@@ -54,6 +54,7 @@ def test_named_profiles_and_flags_override(server, home, tmp_path, capsys):  # n
     assert list_profiles() == ["lab"]
     # the profile's server, with --server overriding it: a dead address fails, the real one works
     assert owner_agent(["--key", "k", "--data", str(SAMPLE), "--profile", "lab", "--no-progress",
-                        "--split", "test"]) == 0
+                        "--accept-cloud-can-decrypt", "--split", "test"]) == 0
     assert owner_agent(["--key", "k", "--data", str(SAMPLE), "--profile", "lab", "--server", "127.0.0.1:1",
-                        "--token-file", str(home), "--retries", "1", "--no-progress"]) == 1
+                        "--token-file", str(home), "--retries", "1", "--no-progress",
+                        "--accept-cloud-can-decrypt"]) == 1
