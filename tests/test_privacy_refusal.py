@@ -74,7 +74,7 @@ def test_upload_is_refused_without_the_flag_and_sends_nothing(server, tmp_path, 
     assert catalog(server, "SELECT owner, committed, images FROM datasets") == [("hospital-a", 1, 200)]
 
 
-def test_the_old_flag_still_accepts_and_says_it_is_deprecated(server, tmp_path, home, capsys):  # noqa: F811
+def test_the_old_flag_still_accepts_and_says_it_is_deprecated(server, tmp_path, home, capsys):  # noqa: F811 - fixture
     token = token_file(tmp_path, TOKENS["hospital-b"])
     assert owner_agent(["--key", "k", "--data", str(SAMPLE), "--server", server.addr, "--token-file", str(token),
                         "--no-progress", "--allow-weak-geometry"]) == 0
@@ -82,7 +82,7 @@ def test_the_old_flag_still_accepts_and_says_it_is_deprecated(server, tmp_path, 
     assert catalog(server, "SELECT owner, committed FROM datasets") == [("hospital-b", 1)]
 
 
-def test_predict_is_refused_without_the_flag_and_sends_no_image(service, tmp_path, home, capsys,  # noqa: F811
+def test_predict_is_refused_without_the_flag_and_sends_no_image(service, tmp_path, home, capsys,  # noqa: F811 - fixture
                                                                 caplog):
     create_key(PREDICT_KEY.name, PREDICT_KEY.secret)
     image = sorted((SAMPLE / "cat").iterdir())[0]
