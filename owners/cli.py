@@ -383,8 +383,9 @@ def _add_predict(sub) -> None:
 
 
 def _add_federate(sub) -> None:
-    p = sub.add_parser("federate", help="join a federated training: your data and your adapter stay here. Shows the "
-                                        "task's privacy verdict but refuses nothing: no image leaves this machine")
+    what = ("join a federated training: your data and your adapter stay here. Shows the task's privacy verdict but "
+            "refuses nothing: no image leaves this machine, only model updates do")
+    p = sub.add_parser("federate", help=what, description=what)
     p.add_argument("--key", required=True, help="key name or key file (never created here)")
     p.add_argument("--data", required=True, help="training images, DIR/<class>/<image>")
     p.add_argument("--test-data", help="test images evaluated each round (optional)")
