@@ -34,6 +34,7 @@ from owners.cipher import BlockCipher, CipherGeometry
 from owners.images import load_rgb, scan_image_folder
 from protocol.codec import Codec
 
+KP_SCORED = 50  # known plaintext: other images the schedule is scored on (and, in the "+ uploads" row, used)
 FIELDS = ("key", "arrangement", "exact", "exact_up_to_flip", "ssim", "psnr")
 
 
@@ -73,10 +74,13 @@ def ciphertext_only(prior: NaturalImagePrior, plain: np.ndarray, geometry: Ciphe
     return attack
 
 
-def known_plaintext(pairs: int, plain: np.ndarray, geometry: CipherGeometry, per_image_keys: bool):
-    """Schedule from the first ``pairs`` pairs, scored on every other image (against its own key)."""
+def known_plaintext(pairs: int, plain: np.ndarray, geometry: CipherGeometry, per_image_keys: bool, codec: Codec,
+                    uploads: bool):
+    """Schedule from the first ``pairs`` pairs (re-encoded with the task's codec; with ``uploads``, what
+    that leaves open settled by the other uploads), scored on every other image (against its own key)."""
     def attack(stored, truths):
-        estimate = known_plaintext_attack(plain[:pairs], stored[:pairs], geometry)
+        others = stored[pairs:] if uploads else None
+        estimate = known_plaintext_attack(plain[:pairs], stored[:pairs], geometry, codec, others)
         if per_image_keys:
             rest = len(stored) - pairs
             return [score_each([estimate] * rest, truths[pairs:], geometry, stored[pairs:], plain[pairs:])]
@@ -115,9 +119,11 @@ def geometry_rows(geometry: CipherGeometry, args, prior_items, attack_items) -> 
     rows, each = [], args.per_image_keys
     mode = " (per-image keys)" if each else ""
     for m in (int(p) for p in args.pairs.split(",") if p):
-        result = measure(known_plaintext(m, plain[:m + 50], geometry, each), geometry, codec, plain[:m + 50],
-                         args.keys, each)
-        rows.append(row("known plaintext" + mode, geometry, codec, f"{m} pair(s)", result))
+        for uploads in (False, True):
+            result = measure(known_plaintext(m, plain[:m + KP_SCORED], geometry, each, codec, uploads), geometry,
+                             codec, plain[:m + KP_SCORED], args.keys, each)
+            held = f"{m} pair(s)" + (f" + {KP_SCORED} uploads" if uploads else "")
+            rows.append(row("known plaintext" + mode, geometry, codec, held, result))
     for n in counts if args.ciphertext_only else []:
         result = measure(ciphertext_only(prior, plain[:n], geometry, each), geometry, codec, plain[:n], args.keys,
                          each)

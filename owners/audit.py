@@ -14,7 +14,8 @@ Verdict per attack (the thresholds, written down once):
     holds   below all of these.
 The overall verdict is the worst over the attacks that need no plain image (ciphertext-only and
 per-image): what a cloud can do with the uploads alone. Known plaintext is reported apart: it is
-always `broken` (one leaked pair reveals the schedule) and says what a leak costs.
+always `broken` (one leaked pair reveals the schedule) and says what a leak costs; it re-encodes
+candidates with the task's codec and uses up to KP_UPLOADS other uploads, as the cloud can.
 
 With per-image keys (``Task.key_mode = "per-image"``, ``owner-agent audit --per-image-keys``) every
 image is encrypted under its own fresh random key instead of the owner's, the same attacks run on
@@ -43,6 +44,7 @@ from owners.images import BadImage, load_rgb, scan_image_folder
 from protocol.codec import Codec, decode
 from protocol.privacy import BROKEN, VERDICTS, WEAK  # the thresholds the owner commands' verdict uses too
 
+KP_UPLOADS = 200  # known plaintext: other uploads (the cloud holds them) that settle what the pairs leave open
 PRIOR_EVERY = 5  # every fifth image is the attacker's prior, never attacked
 MIN_ATTACKED = 10
 
@@ -156,7 +158,8 @@ def run_audit(data: Path, secret: bytes, geometry: CipherGeometry, codec: Codec,
     reconstructions = {}
     for m in plan.pairs:
         if m < len(attacked):
-            estimate, seconds = _timed(known_plaintext_attack, attacked[:m], stored[:m], geometry)
+            others = stored[m:m + KP_UPLOADS]
+            estimate, seconds = _timed(known_plaintext_attack, attacked[:m], stored[:m], geometry, codec, others)
             report.rows.append(scorer.row("known plaintext", m, estimate, slice(m, None), seconds))
             reconstructions.setdefault("known plaintext", (estimate, f"{m} known pair" + "s" * (m > 1)))
     for n in sorted({min(c, len(attacked)) for c in plan.counts}):
