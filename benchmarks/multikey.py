@@ -72,6 +72,17 @@ class ExperimentConfig:
     local_epochs: int = 1  # federated: epochs per round
     federated_split_batch: bool = False  # federated: each owner's batch = batch_size / K, so FedAvg takes as
     # many sequential steps as centralised training at equal epochs (4 owners x 16 ~ one batch of 64)
+    # federated: the product's convergence options (orchestrator/config.py, FederatedConfig; same meaning)
+    rounds_per_epoch: int = 1
+    federated_schedule: str = "round"  # federated.schedule: round | run
+    local_batchnorm: bool = False  # FedBN
+    server_optimizer: str = "fedavg"
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    server_beta_1: float = 0.9
+    server_beta_2: float = 0.99
+    server_tau: float = 1e-3
+    evaluate_every: int = 1000  # owners' per-round evaluation: only after the last round (the runner evaluates)
     only_cells: tuple[str, ...] = ()  # e.g. ["k8-dirichlet"]: run just these K/partition cells (empty: all)
     seed: int = 0
     out: Path = ROOT / "results" / "multikey"
@@ -165,6 +176,7 @@ def federated_cell(cfg: ExperimentConfig, k: int, partition: str, job: TrainJob,
     import torch
 
     from mlcore.federated import FederatedPlan, owner_model
+    from orchestrator.config import FederatedConfig
     from orchestrator.federate import simulate
     from owners.client_app import OwnerSite, make_client_app
 
@@ -173,14 +185,22 @@ def federated_cell(cfg: ExperimentConfig, k: int, partition: str, job: TrainJob,
     settings = dataclasses.replace(job.settings.core(), strategy="federated")
     if cfg.federated_split_batch:
         settings = dataclasses.replace(settings, batch_size=max(1, cfg.batch_size // len(owners)))
-    plan = FederatedPlan(job.task, settings, cfg.epochs // cfg.local_epochs, cfg.local_epochs)
+    federated = FederatedConfig(local_epochs=cfg.local_epochs, rounds_per_epoch=cfg.rounds_per_epoch,
+                                schedule=cfg.federated_schedule, local_batchnorm=cfg.local_batchnorm,
+                                server_optimizer=cfg.server_optimizer, server_lr=cfg.server_lr,
+                                server_momentum=cfg.server_momentum, server_beta_1=cfg.server_beta_1,
+                                server_beta_2=cfg.server_beta_2, server_tau=cfg.server_tau,
+                                evaluate_every=cfg.evaluate_every)
+    plan = FederatedPlan(job.task, settings, cfg.epochs // cfg.local_epochs * cfg.rounds_per_epoch, cfg.local_epochs,
+                         cfg.rounds_per_epoch, cfg.federated_schedule, cfg.local_batchnorm)
     # the one-key FedAvg baseline knows nothing of the key: its adapters start at identity
     init = "learned" if strategy == "federated-shared-key" else cfg.federated_adapter_init
     sites = {i: OwnerSite(folder / owner / "train", folder / owner / "test", keys[owner], folder / owner / "state",
                           init) for i, owner in enumerate(owners)}
     ray.shutdown()  # Flower's simulation starts (and at the end stops) Ray itself
     started = time.perf_counter()
-    checkpoint = simulate(plan, make_client_app(sites), len(owners), len(owners), folder / "server")
+    checkpoint = simulate(plan, make_client_app(sites), len(owners), len(owners), folder / "server",
+                          federated=federated)
     minutes = (time.perf_counter() - started) / 60
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     trunk = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -203,7 +223,7 @@ def federated_cell(cfg: ExperimentConfig, k: int, partition: str, job: TrainJob,
             "parameters": {"total": counts["shared"] + len(owners) * counts["per_key"], "shared": counts["shared"],
                            "per_key": counts["per_key"]},
             "leakage": None, "adapter_init": init, "owner_batch_size": settings.batch_size,
-            "rounds": trunk["rounds"]}
+            "rounds": trunk["rounds"], "federated": dataclasses.asdict(federated)}
 
 
 def stolen_key_id_accuracy(model: Network, job: TrainJob, test) -> float:
@@ -230,7 +250,10 @@ def adapter_leakage(model: Network, task: Task, keys: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="experiment YAML (fields of ExperimentConfig)")
-    cfg = load_dataclass(ExperimentConfig, parser.parse_args().config)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override one field of the YAML (VALUE read as YAML), e.g. --set server_lr=2")
+    args = parser.parse_args()
+    cfg = with_overrides(load_dataclass(ExperimentConfig, args.config), args.set)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no telemetry: Flower reads this on first import
     unknown = set(cfg.strategies) - set(STRATEGIES)
     if unknown:
@@ -268,6 +291,23 @@ def main() -> None:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     write_outputs(cfg, [])
+
+
+def with_overrides(cfg: ExperimentConfig, pairs: list[str]) -> ExperimentConfig:
+    """``--set FIELD=VALUE``: one experiment's variation on a YAML, recorded in every cell's config."""
+    import yaml
+
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    changes = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or name not in fields:
+            raise SystemExit(f"--set {pair}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        value = yaml.safe_load(text)
+        current = getattr(cfg, name)
+        changes[name] = (Path(value) if isinstance(current, Path) else tuple(value) if isinstance(current, tuple)
+                         else type(current)(value))
+    return dataclasses.replace(cfg, **changes)
 
 
 def write_outputs(cfg: ExperimentConfig, results: list[dict], quiet: bool = False) -> None:

@@ -121,6 +121,22 @@ class FederatedConfig:
     round_timeout_s: float = bounded(1800.0, 1.0, 7 * 86400)  # give up on replies after this long per phase
     # (a dead owner is noticed by Flower's heartbeat within about a minute anyway)
     secure_aggregation: bool = False  # Flower SecAgg+: the server sees only the sum of the owners' trunk updates
+    # Convergence (docs/results.md, "Federated convergence", measured every option at the CPU budget):
+    rounds_per_epoch: int = bounded(1, 1, 100)  # > 1: more, shorter rounds (1/this of a local epoch each) at
+    # the same budget: the trunk is averaged more often; needs local_epochs 1
+    schedule: str = "round"  # round: a fresh AdamW one-cycle per round | run: each owner keeps its AdamW state and
+    # follows one one-cycle over the whole run, as centralised training does
+    local_batchnorm: bool = False  # FedBN: BatchNorm weights and statistics stay with each owner, never averaged
+    server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi (Flower's strategies)
+    server_lr: float = bounded(1.0, 1e-4, 10.0)  # step on the owners' mean update; 1 with fedavg is FedAvg itself,
+    # above 1 extrapolates (the mean of K short local runs moves less than one run K times as long)
+    server_momentum: float = bounded(0.0, 0.0, 0.99)  # fedavgm: heavy-ball momentum across rounds (< 1: it must decay)
+    server_beta_1: float = bounded(0.9, 0.0, 0.999)  # fedadam/fedyogi: first-moment decay
+    server_beta_2: float = bounded(0.99, 0.0, 0.9999)  # fedadam/fedyogi: second-moment decay
+    server_tau: float = bounded(1e-3, 1e-9, 1.0)  # fedadam/fedyogi: adaptivity floor (a step is at most ~lr/tau x
+    # the update); below 1e-9 float32 weights cannot tell it from 0
+    evaluate_every: int = bounded(1, 1, 10_000)  # owners evaluate on their test split every this many rounds (and
+    # after the last): with many short rounds, evaluating each one would cost as much as training
 
 
 @dataclass(frozen=True)
@@ -297,10 +313,23 @@ def _validate_training(tr: TrainingConfig, task: Task, ing: IngestConfig) -> Non
         raise ConfigError("training.strategy: 'plain' goes with task.scheme 'plain' and only with it")
     if tr.precision not in PRECISIONS:
         raise ConfigError(f"training.precision: {tr.precision!r} is not one of {', '.join(PRECISIONS)}")
+    _check_per_image_keys(tr, task)
     _check_model(tr, task)
     missing = [o for o in tr.start_when if o not in {o.id for o in ing.owners}]
     if missing:
         raise ConfigError(f"training.start_when: {', '.join(missing)} not in ingest.owners")
+
+
+def _check_per_image_keys(tr: TrainingConfig, task: Task) -> None:
+    """A fresh key per image needs a network that needs no key, and only such data trains one."""
+    from models.invariant import is_invariant
+
+    if (tr.strategy == "per-image-keys") != task.per_image_keys:
+        raise ConfigError(f"training.strategy: {tr.strategy!r} with task.key_mode {task.key_mode!r}; strategy "
+                          "'per-image-keys' goes with task.key_mode 'per-image' and only with it")
+    if task.per_image_keys and not is_invariant(tr.model):
+        raise ConfigError(f"training.model: {tr.model!r} is not invariant to the key; a fresh key per image needs "
+                          "one of models/invariant.py (invariant_*, e.g. invariant_256_8_p2_k5_attn2)")
 
 
 def _check_model(tr: TrainingConfig, task: Task) -> None:
@@ -339,6 +368,7 @@ def _validate_federated(cfg: ClusterConfig) -> None:
     if tr.epochs % fed.local_epochs:
         raise ConfigError(f"federated.local_epochs ({fed.local_epochs}) must divide training.epochs ({tr.epochs}): "
                           "rounds x local epochs is the budget")
+    _check_convergence_options(fed)
     tls = cfg.ingest.tls
     if tls is not None and tls.ca is None:
         raise ConfigError("ingest.tls.ca: the federated mode's Flower SuperLink needs the CA certificate that "
@@ -348,6 +378,25 @@ def _validate_federated(cfg: ClusterConfig) -> None:
                           "or configure ingest.tls (with ca)")
     if tls is not None:
         _validate_node_keys(cfg.ingest.owners)
+
+
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+SCHEDULES = ("round", "run")
+
+
+def _check_convergence_options(fed: FederatedConfig) -> None:
+    if fed.server_optimizer not in SERVER_OPTIMIZERS:
+        raise ConfigError(f"federated.server_optimizer: {fed.server_optimizer!r} is not one of "
+                          f"{', '.join(SERVER_OPTIMIZERS)}")
+    if fed.schedule not in SCHEDULES:
+        raise ConfigError(f"federated.schedule: {fed.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if fed.rounds_per_epoch > 1 and fed.local_epochs != 1:
+        raise ConfigError(f"federated.rounds_per_epoch: {fed.rounds_per_epoch} splits one local epoch into rounds; "
+                          f"it needs federated.local_epochs 1 (not {fed.local_epochs})")
+    if fed.server_optimizer in ("fedadam", "fedyogi") and not fed.local_batchnorm:
+        raise ConfigError(f"federated.server_optimizer: {fed.server_optimizer} takes an adaptive step on every "
+                          "averaged tensor, BatchNorm's running statistics too (they are not gradients); it needs "
+                          "federated.local_batchnorm: true, which keeps them with the owners")
 
 
 def _validate_node_keys(owners: tuple[OwnerEntry, ...]) -> None:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from mlcore.federated import FederatedPlan
-from orchestrator.config import ClusterConfig
+from orchestrator.config import ClusterConfig, FederatedConfig
 from orchestrator.errors import RunFailed
 from orchestrator.server_app import FINAL_CHECKPOINT, make_server_app, plan_for
 
@@ -159,8 +159,10 @@ def run_federation(cfg: ClusterConfig, work: Path, stop: threading.Event, log=pr
             raise RunFailed(f"flwr run refused the federation: {submitted}")
         run_id = str(submitted["run-id"])
         secure = " with secure aggregation (SecAgg+)" if cfg.federated.secure_aggregation else ""
-        log(f"federation submitted (Flower run {run_id}): {plan.rounds} rounds x {plan.local_epochs} local "
-            f"epoch(s){secure}; owners connect their SuperNodes to {cfg.federated.listen}")
+        work_per_round = (f"{plan.local_epochs} local epoch(s)" if plan.rounds_per_epoch == 1 else
+                          f"1/{plan.rounds_per_epoch} local epoch")
+        log(f"federation submitted (Flower run {run_id}): {plan.rounds} rounds x {work_per_round}, "
+            f"{cfg.federated.server_optimizer}{secure}; owners connect their SuperNodes to {cfg.federated.listen}")
         status = ""
         while not status.startswith("finished"):
             if stop.wait(poll_s):
@@ -178,13 +180,15 @@ def run_federation(cfg: ClusterConfig, work: Path, stop: threading.Event, log=pr
 
 
 def simulate(plan: FederatedPlan, client_app, num_owners: int, min_owners: int, out_dir: Path,
-             round_timeout_s: float = 3600.0, cpus: int = 2, secure: bool = False) -> Path:
+             round_timeout_s: float = 3600.0, cpus: int = 2, secure: bool = False,
+             federated: FederatedConfig | None = None) -> Path:
     """The same ServerApp and ClientApp in Flower's simulation on Ray (Flower starts and stops Ray);
-    ``secure``: with secure aggregation (SecAgg+)."""
+    ``secure``: with secure aggregation (SecAgg+); ``federated``: the server optimiser and the other
+    server-side options (the plan carries the owners' side)."""
     from flwr.simulation import run_simulation
 
     shutil.rmtree(out_dir, ignore_errors=True)
-    run_simulation(server_app=make_server_app(plan, min_owners, round_timeout_s, Path(out_dir), secure),
+    run_simulation(server_app=make_server_app(plan, min_owners, round_timeout_s, Path(out_dir), secure, federated),
                    client_app=client_app, num_supernodes=num_owners, backend_name="ray",
                    backend_config={"client_resources": {"num_cpus": max(1, cpus // min(num_owners, cpus)),
                                                         "num_gpus": 0.0},

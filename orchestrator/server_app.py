@@ -1,4 +1,6 @@
-"""The federated mode's server side (Flower ServerApp, Message API): FedAvg over the shared trunk.
+"""The federated mode's server side (Flower ServerApp, Message API): the owners' shared trunk,
+averaged each round and stepped by one of Flower's strategies (``federated.server_optimizer``:
+FedAvg, FedAvgM, FedAdam, FedYogi).
 
 The server never holds a key-specific tensor: owners send back only ``trunk.*`` arrays
 (``mlcore/federated.py``). Owners that fail or vanish mid-round are counted as failures by
@@ -10,7 +12,9 @@ With ``federated.secure_aggregation``, each round's training is Flower's SecAgg+
 the owners' weighted mean update, never one owner's. Flower 1.41 has SecAgg+ only for its legacy
 API (``SecAggPlusWorkflow`` needs a ``LegacyContext``, a legacy strategy and the legacy fit
 messages), so that one phase runs in a legacy context made for the round; the rounds, the
-evaluation and the final trunk stay on the Message API.
+evaluation and the final trunk stay on the Message API. The secure sum is the owners' FedAvg
+mean; the chosen strategy then takes its server step from it exactly as from plain replies
+(:func:`server_step`), so a server optimiser works the same with and without SecAgg+.
 
 ``app`` is what ``orchestrator federate`` deploys (it reads ``cluster-config`` from the run
 config); ``make_server_app`` builds the same thing for Flower's simulation.
@@ -36,12 +40,12 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from mlcore import checkpoint as ckpt
 from mlcore.federated import SECURE_SUM, FederatedPlan, apply_update, trunk_network, trunk_state, update_keys
-from orchestrator.config import ClusterConfig, ConfigError, load_config
+from orchestrator.config import ClusterConfig, ConfigError, FederatedConfig, load_config
 
 FINAL_CHECKPOINT = "federated-trunk.pt"
 TRUNK_KEYS = "trunk-keys"  # a secure round's config: the names of the numbered arrays (owners/client_app.py)
@@ -57,7 +61,22 @@ def plan_for(cfg: ClusterConfig) -> FederatedPlan:
     s, f = cfg.training, cfg.federated
     if s.strategy != "federated":
         raise ConfigError(f"training.strategy is {s.strategy!r}: `orchestrator federate` needs 'federated'")
-    return FederatedPlan(cfg.task, s.core(), s.epochs // f.local_epochs, f.local_epochs)
+    return FederatedPlan(cfg.task, s.core(), s.epochs // f.local_epochs * f.rounds_per_epoch, f.local_epochs,
+                         f.rounds_per_epoch, f.schedule, f.local_batchnorm)
+
+
+def make_strategy(f: FederatedConfig, min_owners: int) -> FedAvg:
+    """Flower's strategy for ``federated.server_optimizer``, with its hyperparameters from the config."""
+    nodes = {"fraction_train": 1.0, "fraction_evaluate": 1.0, "min_train_nodes": min_owners,
+             "min_evaluate_nodes": min_owners, "min_available_nodes": min_owners}
+    if f.server_optimizer == "fedavgm":
+        return FedAvgM(**nodes, server_learning_rate=f.server_lr, server_momentum=f.server_momentum)
+    if f.server_optimizer in ("fedadam", "fedyogi"):
+        kind = FedAdam if f.server_optimizer == "fedadam" else FedYogi
+        return kind(**nodes, eta=f.server_lr, beta_1=f.server_beta_1, beta_2=f.server_beta_2, tau=f.server_tau)
+    if f.server_optimizer == "fedavg" and f.server_lr == 1.0:
+        return FedAvg(**nodes)
+    return FedAvgM(**nodes, server_learning_rate=f.server_lr)  # FedAvg with a server lr: FedAvgM without momentum
 
 
 def _payload_bytes(content: RecordDict) -> int:
@@ -155,6 +174,18 @@ def _mean_metrics(results: list[tuple[int, dict]]) -> dict:
                 else sum(n * m.get(k, 0) for n, m in results) / total) for k in keys}
 
 
+def server_step(strategy: FedAvg, server_round: int, arrays: ArrayRecord, mean: ArrayRecord, metrics: MetricRecord,
+                config: ConfigRecord, grid: Grid) -> ArrayRecord:
+    """The strategy's next trunk from the owners' mean trunk ``mean`` (a secure round's sum): handed to
+    its own ``aggregate_train`` as the one reply of the round, whose average is itself, after
+    ``configure_train`` let it note the round's starting trunk (FedAvgM's and FedAdam's reference)."""
+    sent = list(strategy.configure_train(server_round, arrays, config, grid))
+    reply = Message(RecordDict({"arrays": mean, "metrics": MetricRecord({**dict(metrics), "num-examples": 1})}),
+                    reply_to=sent[0])
+    stepped, _ = strategy.aggregate_train(server_round, [reply])
+    return stepped
+
+
 def secure_train_round(grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord, min_owners: int,
                        timeout_s: float, log=print) -> tuple[ArrayRecord | None, MetricRecord | None]:
     """One round's training with Flower's SecAgg+ workflow: the connected owners (at least
@@ -193,14 +224,30 @@ def secure_train_round(grid: Grid, server_round: int, arrays: ArrayRecord, confi
             MetricRecord({k: v[-1][1] for k, v in metrics.items()}))
 
 
-def run_secure_rounds(grid: Grid, strategy: FedAvg, plan: FederatedPlan, arrays: ArrayRecord, config: ConfigRecord,
-                      min_owners: int, timeout_s: float, log=print) -> Result:
-    """``strategy.start`` with each round's training done by :func:`secure_train_round`."""
+def like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """``arrays`` in ``reference``'s dtypes: a server optimiser computes in float64 (numpy), and a
+    trunk that doubles in size on the wire, or an integer counter turned float, helps nobody."""
+    ref = reference.to_torch_state_dict()
+    return ArrayRecord({k: v.to(ref[k].dtype) for k, v in arrays.to_torch_state_dict().items()})
+
+
+def run_rounds(grid: Grid, strategy: FedAvg, plan: FederatedPlan, arrays: ArrayRecord, config: ConfigRecord,
+               min_owners: int, timeout_s: float, secure: bool, evaluate_every: int, log=print) -> Result:
+    """``plan.rounds`` rounds of the strategy (Flower's ``Strategy.start``, with each round's training
+    through SecAgg+ when ``secure``), the owners evaluating every ``evaluate_every`` rounds and after
+    the last."""
     result = Result(arrays=arrays)
     for rnd in range(1, plan.rounds + 1):
-        trained, metrics = secure_train_round(grid, rnd, result.arrays, config, min_owners, timeout_s, log)
+        if secure:
+            mean, metrics = secure_train_round(grid, rnd, result.arrays, config, min_owners, timeout_s, log)
+            trained = None if mean is None else server_step(strategy, rnd, result.arrays, mean, metrics, config, grid)
+        else:
+            messages = strategy.configure_train(rnd, result.arrays, config, grid)
+            trained, metrics = strategy.aggregate_train(rnd, grid.send_and_receive(messages, timeout=timeout_s))
         if trained is not None:
-            result.arrays, result.train_metrics_clientapp[rnd] = trained, metrics
+            result.arrays, result.train_metrics_clientapp[rnd] = like(trained, arrays), metrics
+        if rnd % evaluate_every and rnd != plan.rounds:
+            continue
         messages = strategy.configure_evaluate(rnd, result.arrays, config, grid)
         evaluated = strategy.aggregate_evaluate(rnd, grid.send_and_receive(messages, timeout=timeout_s))
         if evaluated is not None:
@@ -209,42 +256,40 @@ def run_secure_rounds(grid: Grid, strategy: FedAvg, plan: FederatedPlan, arrays:
 
 
 def run_federated(grid: Grid, plan: FederatedPlan, min_owners: int, round_timeout_s: float, out_dir: Path,
-                  log=print, secure: bool = False) -> Path:
-    """FedAvg (``secure``: over SecAgg+) for ``plan.rounds`` rounds; writes metrics.jsonl per round
-    (with each round's wall time and payload bytes) and the trunk checkpoint."""
+                  log=print, secure: bool = False, federated: FederatedConfig | None = None) -> Path:
+    """``plan.rounds`` rounds of ``federated.server_optimizer`` (``secure``: over SecAgg+); writes
+    metrics.jsonl per round (with each round's wall time and payload bytes) and the trunk checkpoint."""
+    f = federated or FederatedConfig()
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = MeteredGrid(grid)
     config = ConfigRecord({"plan": plan.to_json()})
-    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_owners,
-                      min_evaluate_nodes=min_owners, min_available_nodes=min_owners)
+    strategy = make_strategy(f, min_owners)
     started = time.time()
-    initial = ArrayRecord(trunk_state(trunk_network(plan)))
-    if secure:
-        result = run_secure_rounds(grid, strategy, plan, initial, config, min_owners, round_timeout_s, log)
-    else:
-        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=plan.rounds, timeout=round_timeout_s,
-                                train_config=config, evaluate_config=config)
+    initial = ArrayRecord(trunk_state(trunk_network(plan), plan.local_batchnorm))
+    result = run_rounds(grid, strategy, plan, initial, config, min_owners, round_timeout_s, secure, f.evaluate_every,
+                        log)
     rounds = _round_records(result, grid)
-    with open(out_dir / "metrics.jsonl", "a") as f:
+    with open(out_dir / "metrics.jsonl", "a") as fh:
         for record in rounds:
-            f.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(record) + "\n")
     path = out_dir / FINAL_CHECKPOINT
     head = ckpt.header(plan.task, plan.settings, [], rounds=rounds, seconds=time.time() - started,
-                       secure_aggregation=secure)
+                       secure_aggregation=secure, server_optimizer=f.server_optimizer,
+                       local_batchnorm=plan.local_batchnorm)
     torch.save({**head, "state_dict": result.arrays.to_torch_state_dict()}, path)
     stored = hand_out_trunk(grid, plan, result.arrays, round_timeout_s)
-    log(f"federated training done{' with secure aggregation' if secure else ''}: {len(rounds)} rounds in "
-        f"{time.time() - started:.0f} s; trunk in {path}; {stored} owner(s) stored it to predict at home")
+    log(f"federated training done ({f.server_optimizer}{', secure aggregation' if secure else ''}): {len(rounds)} "
+        f"rounds in {time.time() - started:.0f} s; trunk in {path}; {stored} owner(s) stored it to predict at home")
     return path
 
 
 def make_server_app(plan: FederatedPlan, min_owners: int, round_timeout_s: float, out_dir: Path,
-                    secure: bool = False) -> ServerApp:
+                    secure: bool = False, federated: FederatedConfig | None = None) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federated(grid, plan, min_owners, round_timeout_s, out_dir, secure=secure)
+        run_federated(grid, plan, min_owners, round_timeout_s, out_dir, secure=secure, federated=federated)
 
     return app
 
@@ -258,4 +303,4 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_config(Path(str(context.run_config["cluster-config"])))
     f = cfg.federated
     run_federated(grid, plan_for(cfg), f.min_owners, f.round_timeout_s, Path(str(context.run_config["out-dir"])),
-                  secure=f.secure_aggregation)
+                  secure=f.secure_aggregation, federated=f)

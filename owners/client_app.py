@@ -58,7 +58,8 @@ from owners.keys import OwnerKey, resolve_key
 from protocol.shards import Manifest
 
 ADAPTER_INITS = ("key", "learned")
-STATE_KEY = "private-adapter"
+STATE_KEY = "private-adapter"  # with FedBN also the owner's BatchNorm layers
+OPTIMIZER_KEY = "private-optimizer"  # schedule run: the owner's AdamW state between rounds
 TRUNK_FILE = "trunk.pt"  # the federation's final trunk, next to the adapter: together, the owner's model
 SECAGG = RECORD_KEY_CONFIGS  # the record every message of a SecAgg+ round carries
 # A SecAgg+ round's training message is in Flower's legacy layout (the SecAgg+ workflow exists only
@@ -130,8 +131,8 @@ def build_model(site: OwnerSite, plan: FederatedPlan, shared: dict[str, torch.Te
                              "join with --adapter-init learned")
         schedule = derive_schedule(site.key.secret, CipherGeometry.for_task(plan.task))
         model.adapters[0].set_exact(*inverse_setting(schedule, plan.task.model_input.in_chans))
-        private = private_state(model)
-    load_states(model, shared, private)
+        private = private_state(model, plan.local_batchnorm)
+    load_states(model, shared, private, plan.local_batchnorm)
     return model
 
 
@@ -167,21 +168,26 @@ def handle_train(site: OwnerSite, msg: Message, context: Context) -> Message:
     note_status(site, server_round, "training")
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
     model = build_model(site, plan, received, context)
-    metrics = local_train(model, list(shards_of(site.train, site.key, plan)), plan, server_round)
-    context.state[STATE_KEY] = ArrayRecord(private_state(model))
+    kept = context.state[OPTIMIZER_KEY].to_torch_state_dict() if OPTIMIZER_KEY in context.state else None
+    metrics = local_train(model, list(shards_of(site.train, site.key, plan)), plan, server_round,
+                          optimizer_state=kept)
+    mine = private_state(model, plan.local_batchnorm)  # the adapter, and the BatchNorm layers under FedBN
+    context.state[STATE_KEY] = ArrayRecord(mine)
+    if "optimizer-state" in metrics:  # schedule run: the owner's AdamW moments, never sent
+        context.state[OPTIMIZER_KEY] = ArrayRecord(metrics.pop("optimizer-state"))
     private_dir(site.state_dir)
     tmp = site.state_dir / f".adapter-{site.key.key_id}.pt.partial"
-    torch.save({"key_id": site.key.key_id, "state_dict": private_state(model)}, tmp)
+    torch.save({"key_id": site.key.key_id, "state_dict": mine}, tmp)
     tmp.replace(site.state_dir / f"adapter-{site.key.key_id}.pt")
     note_status(site, server_round, "trained")
     summary = {"train_loss": metrics["train_loss"], "train_acc": metrics["train_acc"],
                "num-examples": metrics["num-examples"]}
     if not secure:
-        reply = RecordDict({"arrays": ArrayRecord(shared_state(model)),  # the trunk only
+        reply = RecordDict({"arrays": ArrayRecord(shared_state(model, plan.local_batchnorm)),  # the trunk only
                             "metrics": MetricRecord(summary)})
         return Message(content=reply, reply_to=msg)
     # The trunk's update, for secaggplus_mod to mask (it empties these arrays before the reply leaves)
-    update = trunk_update(shared_state(model), received)
+    update = trunk_update(shared_state(model, plan.local_batchnorm), received)
     summary["clipped"] = clipped_values(update, metrics["num-examples"])
     if summary["clipped"]:
         note_status(site, server_round, f"trained; secure aggregation clips {summary['clipped']} update values")
@@ -204,7 +210,7 @@ def handle_final_trunk(site: OwnerSite, msg: Message, context: Context) -> Messa
     owner's adapter (``<state-dir>/trunk.pt``) for ``owner-agent predict --federated``."""
     plan = plan_of(msg.content["config"])
     shared = msg.content["arrays"].to_torch_state_dict()
-    load_states(owner_network(plan, site.key.key_id), shared, None)  # refuses arrays that do not fit
+    load_states(owner_network(plan, site.key.key_id), shared, None, plan.local_batchnorm)  # refuses misfits
     private_dir(site.state_dir)
     tmp = site.state_dir / ".trunk.pt.partial"
     torch.save({**header(plan.task, plan.settings, []), "state_dict": shared}, tmp)

@@ -64,7 +64,7 @@ def owners(tmp_path, monkeypatch):
     trained: dict[int, dict[str, torch.Tensor]] = {}
     current = {}
 
-    def fake_train(model, shards, plan, server_round, device=None):
+    def fake_train(model, shards, plan, server_round, device=None, optimizer_state=None):
         owner = current["owner"] = index[model.key_ids[0]]
         gen = torch.Generator().manual_seed(1000 * owner + server_round)
         with torch.no_grad():
