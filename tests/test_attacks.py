@@ -5,6 +5,7 @@ the ciphertext-only attack are loose on purpose; the measured figures are in doc
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 from owners.attacks.ciphertext_only import ciphertext_only_attack
 from owners.attacks.common import ScheduleCipher, mirrored
 from owners.attacks.known_plaintext import known_plaintext_attack
-from owners.attacks.per_image import per_image_attack
+from owners.attacks.per_image import per_image_attack, solve_two_by_two
 from owners.attacks.per_image_keys import encrypt_each, score_each
 from owners.attacks.prior import NaturalImagePrior
 from owners.attacks.scoring import score_attack
@@ -133,3 +134,30 @@ def test_the_clouds_other_uploads_settle_what_the_known_pair_cannot_show():
         uploads = stored(cipher, np.concatenate([known, images[1:]]), Codec("png"))
         estimate = known_plaintext_attack(known, uploads[:1], geometry, Codec("png"), uploads[1:])
         assert score_attack(estimate, cipher.schedule, geometry, uploads[1:], images[1:]).key == 1.0, seed
+
+
+def test_the_two_by_two_solver_finds_the_cheapest_arrangement():
+    per = 3  # pieces per block
+    rng = np.random.default_rng(0)
+    lr, tb = rng.random((4 * per, 4 * per)), rng.random((4 * per, 4 * per))
+    grid = solve_two_by_two(lr, tb, per)
+
+    def cost(a, b, c, d):
+        return lr[a, b] + tb[b, d] + tb[a, c] + lr[c, d]
+    brute = min(cost(*(blocks[i] * per + v[i] for i in range(4)))
+                for blocks in itertools.permutations(range(4)) for v in itertools.product(range(per), repeat=4))
+    assert sorted(grid.reshape(-1) // per) == [0, 1, 2, 3]
+    assert cost(*grid.reshape(-1)) == pytest.approx(brute)
+
+
+def test_one_image_at_a_time_decrypts_some_whole_images_of_the_default_geometry():
+    """The exact 2x2 solver and the region prior's whole-picture choice: 8% of these images come out
+    exact up to a flip (the greedy solver with the mean image: 2%)."""
+    geometry = CipherGeometry(32, 32, 16, "color")
+    cipher = BlockCipher(bytes(32), geometry)
+    images = sample("test", 32, 60)
+    prior = NaturalImagePrior.from_images(sample("train", 32, 300))
+    uploads = stored(cipher, images, Codec())
+    scores = [score_attack(e, cipher.schedule, geometry, uploads[i:i + 1], images[i:i + 1])
+              for i, e in enumerate(per_image_attack(uploads, geometry, prior))]
+    assert np.mean([s.exact_up_to_flip for s in scores]) >= 0.05
