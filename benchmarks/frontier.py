@@ -320,6 +320,7 @@ def run(cfg: FrontierConfig) -> None:
     materialise(prior_files, prior_dir)
     materialise(test_files, test_dir)
     cells = [c for c in cfg.cells if _selected(cfg, c)]
+    version = code_version()  # the commit this process loaded its code from (HEAD may move while it runs)
     if not cfg.attacks_only:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -328,7 +329,7 @@ def run(cfg: FrontierConfig) -> None:
             record = {"name": cell.name, "cell": dataclasses.asdict(cell), "geometry": GEOMETRIES[cell.geometry],
                       "owner_images": [sum(map(len, s.values())) for s in shares],
                       "attacks": attack_columns(cell, shares, prior_dir, cfg, work),
-                      "attacks_code_version": code_version(),
+                      "attacks_code_version": version,
                       "attack_config": {"prior_per_class": cfg.prior_per_class, "one_at_a_time": cfg.one_at_a_time}}
             write_outputs(cfg.out, record)
             print(f"{cell.name}: attacks {[attack_text(record, a) for a in ATTACKS]}", flush=True)
@@ -339,7 +340,7 @@ def run(cfg: FrontierConfig) -> None:
             folder.mkdir(exist_ok=True)
             result = run_cell(exp, cell.owners, cell.partition, cell.strategy, shares, test_dir, classes, folder,
                               GEOMETRIES[cell.geometry])
-            record.update(training=result, code_version=code_version(), config=_jsonable(exp))
+            record.update(training=result, code_version=version, config=_jsonable(exp))
             write_outputs(cfg.out, record)
             print(f"{cell.name}: {result['accuracy']:.1%} in {result['minutes']:.1f} min", flush=True)
     finally:
