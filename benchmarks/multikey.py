@@ -51,7 +51,7 @@ from owners.encrypt import EncryptSettings, encrypt_folder
 from owners.keys import OwnerKey
 from protocol.task import Task
 
-STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters", "federated", "federated-shared-key")
+STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters", "federated", "federated-shared-key", "per-image-keys")
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,9 @@ class ExperimentConfig:
     dirichlet_alpha: float = 0.5  # smaller: more skewed class mixes per owner
     strategies: tuple[str, ...] = STRATEGIES
     model: str = "convmixer_256_8_p4_k9"
+    per_image_model: str = "invariant_128_6_p2_k5_mean"  # per-image-keys: a network invariant to every key
+    per_image_lr: float = 0.01  # per-image-keys: its peak learning rate
+    per_image_block: int = 16  # per-image-keys: EtC block (8: 16 blocks per 32x32 image, JPEG chroma 4:4:4)
     epochs: int = 4
     batch_size: int = 64
     lr: float = 0.01
@@ -130,9 +133,14 @@ def run_cell(cfg: ExperimentConfig, k: int, partition: str, strategy: str, share
     fields (scheme, image_size, block_size, chroma) replacing the default colour 32x32 block 16."""
     tag = f"k{k}-{partition}-{strategy}"
     shared = strategy in ("shared-key", "federated-shared-key")
-    keys = {f"owner{i}": (None if strategy == "plain" else
+    per_image = strategy == "per-image-keys"  # no owner keys: every image, test ones too, under its own
+    keys = {f"owner{i}": (None if strategy == "plain" or per_image else
                           key_for("shared" if shared else f"owner{i}", cfg.seed)) for i in range(k)}
-    task = Task(classes, **{"scheme": "plain" if strategy == "plain" else "color", **(geometry or {})})
+    fields = {"scheme": "plain" if strategy == "plain" else "color", **(geometry or {})}
+    if per_image:
+        block = cfg.per_image_block
+        fields = {"block_size": block, "chroma": "420" if block % 16 == 0 else "444", **fields, "key_mode": "per-image"}
+    task = Task(classes, **fields)
     train, test = (), ()
     for i, share in enumerate(shares):
         owner = f"owner{i}"
@@ -143,8 +151,11 @@ def run_cell(cfg: ExperimentConfig, k: int, partition: str, strategy: str, share
     for owner in sorted({r.owner for r in train}):
         test += prepare(test_dir, work / tag / owner / "test", keys[owner], task, "test", owner)
     if strategy != "plain":
-        test += prepare(test_dir, work / tag / "wrong-key", key_for("wrong", cfg.seed), task, "test", "wrong-key")
-    settings = TrainingConfig(model=cfg.model, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        # per-image-keys: the same images under yet other fresh keys (the model must not care)
+        test += prepare(test_dir, work / tag / "wrong-key", None if per_image else key_for("wrong", cfg.seed), task,
+                        "test", "wrong-key")
+    settings = TrainingConfig(model=cfg.per_image_model if per_image else cfg.model, epochs=cfg.epochs,
+                              batch_size=cfg.batch_size, lr=cfg.per_image_lr if per_image else cfg.lr,
                               seed=cfg.seed, strategy=strategy, adapter_lr_scale=cfg.adapter_lr_scale)
     job = TrainJob(tag, task, train, test, settings, str(work / tag / "logs"), code_version())
     if strategy in ("federated", "federated-shared-key"):

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters", "federated")
+STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters", "federated", "per-image-keys")
 KEYED_STRATEGIES = ("key-adapters", "federated")  # a per-key adapter in front of a shared trunk
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -36,7 +36,8 @@ def range_errors(obj: object, where: str = "") -> list[str]:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    strategy: str = "shared-key"  # plain | shared-key | pooled | key-adapters | federated
+    strategy: str = "shared-key"  # plain | shared-key | pooled | key-adapters | federated | per-image-keys (a fresh
+    # key per image, task.key_mode per-image: a network invariant to every key, models/invariant.py)
     model: str = "convmixer_256_8_p4_k9"  # a name registered in models/ (or any timm name)
     epochs: int = bounded(10, 1, 100_000)
     batch_size: int = bounded(64, 1, 65_536)  # per worker

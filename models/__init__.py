@@ -14,7 +14,7 @@ import timm
 import torch
 from timm.models import get_pretrained_cfg
 
-from models import convmixer, vit  # noqa: F401 - importing them registers the variants with timm
+from models import convmixer, invariant, vit  # noqa: F401 - importing them registers the variants with timm
 from models.keyed import key_adapter_model
 from models.network import SHARED_PREFIX, Network, SharedInputModel, UnknownKeyError
 
@@ -27,6 +27,8 @@ class ModelConfigError(ValueError):
 
 
 def patch_size_of(model: torch.nn.Module) -> int:
+    if isinstance(model, invariant.InvariantNet):  # its patch tiles one EtC block
+        return model.patch
     if hasattr(model, "patch_embed"):  # ViT
         return int(model.patch_embed.patch_size[0])
     return int(model.stem[0].kernel_size[0])  # ConvMixer
@@ -48,6 +50,10 @@ def build_model(name: str, num_classes: int, image_size: tuple[int, int], in_cha
     if name not in timm.list_models():
         raise ModelConfigError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
     kwargs = {"num_classes": num_classes, "in_chans": in_chans}
+    if invariant.is_invariant(name):  # it works block by block: it needs the EtC block size
+        if block_size is None:
+            raise ModelConfigError(f"{name} works on EtC blocks; plain images (no task.block_size) have none")
+        kwargs["block_size"] = block_size
     if _takes_image_size(name):
         kwargs["img_size"] = image_size
     if pretrained_file is not None:
@@ -83,4 +89,5 @@ def build_network(model: str, num_classes: int, model_input, key_ids: list[str] 
 
 def list_models() -> list[str]:
     """The product's variants (any other timm name works too, e.g. vit_base_patch16_224)."""
-    return sorted(timm.list_models("convmixer_*_p*_k*") + timm.list_models("vit_[0-9][0-9]*_*_p*_*"))
+    return sorted(timm.list_models("convmixer_*_p*_k*") + timm.list_models("vit_[0-9][0-9]*_*_p*_*")
+                  + timm.list_models("invariant_*"))

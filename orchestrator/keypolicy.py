@@ -15,6 +15,12 @@ train the victim's adapter with its own data. Two exceptions, both decided by th
   want a hostile owner to race the others should do.
 
 Its test splits may use other keys (to measure how the model does on keys it never saw).
+
+A third case needs no operator: ``task.key_mode: per-image``. Every image then has its own fresh key
+that nobody keeps, and every upload carries the key id ``per-image`` (``PER_IMAGE_KEY_ID``), which is
+no one's key: any owner may upload under it, and it is the only key id such a run takes. In a run
+with one key per owner (key_mode ``owner``) the sentinel is refused: data claiming to be under
+per-image keys cannot train a model that expects owners' keys.
 """
 from __future__ import annotations
 
@@ -23,22 +29,27 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from orchestrator.errors import NotYourKey, WrongState
+from protocol.task import PER_IMAGE_KEY_ID
 
 
 @dataclass(frozen=True)
 class KeyPolicy:
     single_key: bool = False  # training.strategy shared-key: one key id for all train data
     shared: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))  # key id -> owners
+    per_image: bool = False  # task.key_mode per-image: the one key id is PER_IMAGE_KEY_ID, nobody's
 
     @classmethod
     def from_config(cls, cfg) -> KeyPolicy:
         """The policy a ``ClusterConfig`` declares."""
         shared = {entry.key_id: frozenset(entry.owners) for entry in cfg.ingest.shared_keys}
-        return cls(single_key=cfg.training.strategy == "shared-key", shared=MappingProxyType(shared))
+        return cls(single_key=cfg.training.strategy == "shared-key", shared=MappingProxyType(shared),
+                   per_image=cfg.task.per_image_keys)
 
     def check(self, owner: str, key_id: str, split: str, holders: set[str], train_key_ids: set[str]) -> None:
         """Refuse ``owner`` opening a ``split`` dataset under ``key_id``. ``holders``: owners that
         registered ``key_id`` before; ``train_key_ids``: key ids of the run's train datasets so far."""
+        if self._per_image_key(key_id):
+            return  # a fresh key per image: the key id names no key, so it belongs to nobody
         declared = self.shared.get(key_id)
         if declared is not None and owner not in declared:
             raise NotYourKey(f"key id {key_id} is declared in the cluster's shared_keys for other owners, not for "
@@ -52,6 +63,17 @@ class KeyPolicy:
             raise NotYourKey(f"key id {key_id} is registered to another owner; data under it would train their "
                              "model. Encrypt with your own key, or ask the operator to declare the key shared "
                              "(ingest.shared_keys)")
+
+    def _per_image_key(self, key_id: str) -> bool:
+        """Whether ``key_id`` is the per-image sentinel; refuse it, or an owner's key, where it does not fit."""
+        if key_id == PER_IMAGE_KEY_ID and not self.per_image:
+            raise WrongState(f"key id {PER_IMAGE_KEY_ID!r} is for data under a fresh key per image (task.key_mode "
+                             "per-image); this run trains on owners' keys (task.key_mode owner): encrypt with your key")
+        if key_id != PER_IMAGE_KEY_ID and self.per_image:
+            raise WrongState(f"this run takes a fresh key per image (task.key_mode per-image); data under key id "
+                             f"{key_id} (one key for many images) cannot join it: upload with the task the server "
+                             "sends (owner-agent draws the keys itself)")
+        return key_id == PER_IMAGE_KEY_ID
 
     def _check_run_key(self, key_id: str, train_key_ids: set[str]) -> None:
         if self.shared and key_id not in self.shared:

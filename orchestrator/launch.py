@@ -28,7 +28,8 @@ from orchestrator.training import TrainJob, make_model, run_training
 from protocol.net import is_loopback
 from protocol.shards import ShardInfo
 
-AVAILABLE_STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters")  # federated: `orchestrator federate`
+# federated: `orchestrator federate`
+AVAILABLE_STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters", "per-image-keys")
 LOOPBACK = "127.0.0.1"
 SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps a local node on loopback
 

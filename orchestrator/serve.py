@@ -26,6 +26,7 @@ from protocol.codec import CodecError, check_encoded
 from protocol.net import is_loopback
 from protocol.proto import ingest_pb2 as pb
 from protocol.proto import ingest_pb2_grpc as pb_grpc
+from protocol.task import PER_IMAGE_KEY_ID
 
 log = logging.getLogger("orchestrator.serve")
 MAX_PIXELS_PER_REQUEST = 1 << 24  # 16 M pixels (64 1024x1024 images): bounds a request's decoded memory
@@ -113,7 +114,9 @@ class PredictorServicer(pb_grpc.PredictorServicer):
         owner = self.auth.owner(context)
         try:
             key_id = request.key_id or None
-            if self.predictor.task.encrypted and key_id not in self.owner_key_ids(owner):
+            if self.predictor.task.per_image_keys:  # each image under its own key: no key id to check or route by
+                key_id = PER_IMAGE_KEY_ID
+            elif self.predictor.task.encrypted and key_id not in self.owner_key_ids(owner):
                 raise NotYourKey(f"key id {key_id or '(none)'} is not one you uploaded under")
             probs = self.predictor.predict(list(request.images), key_id)
         except Refused as exc:

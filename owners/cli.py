@@ -44,10 +44,12 @@ def _key(spec: str, create: bool):
     return key
 
 
-def _key_or_plain(args: argparse.Namespace, create: bool, what: str):
-    if args.plain == bool(args.key):
+def _key_or_plain(args: argparse.Namespace, create: bool, what: str, key_optional: bool = False):
+    """The owner's key, or None for --plain. ``key_optional``: neither is fine too (None), because the
+    task may encrypt every image under its own fresh key (task.key_mode per-image), which needs no key."""
+    if args.plain == bool(args.key) and not (key_optional and not args.plain):
         raise SystemExit(f"owner-agent {args.command}: give --key NAME, or --plain for {what} (not both)")
-    return None if args.plain else _key(args.key, create=create)
+    return None if args.plain or not args.key else _key(args.key, create=create)
 
 
 def _connection(args: argparse.Namespace, service: str = "ingest", **extra) -> Connection:
@@ -101,7 +103,9 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
     from owners.encrypt import EncryptSettings, encrypt_folder
 
     task = _task_from_flags(args)  # bad flags are refused before a key is created
-    key = _key_or_plain(args, create=True, what="an unencrypted baseline")
+    if task.per_image_keys and args.key:  # not even looked up: nothing about it is needed
+        _log(f"--key {args.key} is unused: --per-image-keys encrypts every image under its own fresh key")
+    key = None if task.per_image_keys else _key_or_plain(args, create=True, what="an unencrypted baseline")
     settings = EncryptSettings(task=task, split=args.split, shard_images=args.shard_images,
                                max_bad_fraction=args.max_bad_fraction)
     summary = encrypt_folder(Path(args.data), Path(args.out), key, settings, overwrite=args.overwrite,
@@ -124,7 +128,7 @@ def _task_from_flags(args: argparse.Namespace) -> Task:
     classes = (tuple(c.strip() for c in args.classes.split(",")) if args.classes
                else scan_image_folder(Path(args.data)).classes)
     task = Task(classes, args.size, block, "plain" if args.plain else args.scheme, args.format, args.quality,
-                args.chroma)
+                args.chroma, "per-image" if args.per_image_keys else "owner")
     if task.encrypted:  # the outbox is what the cloud will hold: the verdict before anything is written
         privacy_gate(CipherGeometry.for_task(task), task.key_mode, args.accept_cloud_can_decrypt, _log)
     return task
@@ -133,11 +137,12 @@ def _task_from_flags(args: argparse.Namespace) -> Task:
 def cmd_upload(args: argparse.Namespace) -> int:
     from owners.agent import run_agent  # grpc is only needed here
 
-    key = _key_or_plain(args, create=True, what="an unencrypted baseline")
+    key = _key_or_plain(args, create=True, what="an unencrypted baseline", key_optional=True)
     conn = _connection(args, retries=args.retries, max_rate=args.max_rate)
     summary = run_agent(key, Path(args.data), conn, args.split, Path(args.outbox) if args.outbox else None,
                         args.new_key_domain, progress=False if args.no_progress else None,
-                        shard_images=args.shard_images, accept_cloud_can_decrypt=args.accept_cloud_can_decrypt)
+                        shard_images=args.shard_images, accept_cloud_can_decrypt=args.accept_cloud_can_decrypt,
+                        plain_ok=args.plain)
     print(json.dumps(summary))
     return 0
 
@@ -145,7 +150,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from owners.predict import predict_federated, predict_images, write_results
 
-    key = _key_or_plain(args, create=False, what="a plain model")
+    key = _key_or_plain(args, create=False, what="a plain model", key_optional=not args.federated)
     if args.federated and (args.server or key is None):
         raise SystemExit("owner-agent predict: give --server HOST:PORT (the cloud's model; default: the joined "
                          "profile's), or --federated STATE_DIR with your --key (a federated model, here)")
@@ -158,7 +163,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         results = predict_images(key, [Path(p) for p in args.images], _connection(args, "predict"), top=args.top,
                                  accept_cloud_can_decrypt=args.accept_cloud_can_decrypt, log=_log,
-                                 progress=progress)
+                                 progress=progress, plain_ok=args.plain)
     if args.output:
         write_results(results, Path(args.output))
     else:
@@ -341,6 +346,9 @@ def _add_encrypt(sub) -> None:
     _add_geometry(p)
     _add_codec(p)
     p.add_argument("--plain", action="store_true", help="no encryption (a baseline); --key is then refused")
+    p.add_argument("--per-image-keys", action="store_true",
+                   help="encrypt every image under its own fresh random key, kept nowhere (no --key; for a task "
+                        "with key_mode per-image, trained by strategy per-image-keys)")
     p.add_argument("--split", choices=SPLITS, default="train")
     p.add_argument("--classes", help="comma-separated class list fixing label ids (default: sorted folder names)")
     p.add_argument("--shard-images", type=int, default=10_000, help="images per shard (default 10000)")

@@ -8,6 +8,11 @@ shards in input order (so the output is the same for any number of workers). The
     OUT/local/report.json, OUT/local/index.jsonl   stays with the owner: skipped files and reasons,
                                                   conversions, sample id -> source file
 The manifest is written last, so an outbox without one is known to be incomplete.
+
+Under a task with ``key_mode: per-image`` there is no owner key: every image is encrypted under a
+schedule derived (by the cipher's own ``derive_schedule``) from a fresh ``os.urandom`` secret that
+lives only while that image is encrypted; none is written, logged or sent, and the manifest's key
+id is the sentinel ``per-image`` (``protocol.task.PER_IMAGE_KEY_ID``).
 """
 from __future__ import annotations
 
@@ -28,12 +33,12 @@ from tqdm import tqdm
 
 from owners import __version__
 from owners.cipher import BlockCipher, CipherGeometry
-from owners.errors import OutboxError, OwnerError
+from owners.errors import OutboxError, OwnerError, TaskMismatch
 from owners.files import private_dir
 from owners.images import BadImage, Scan, SourceImage, load_rgb, scan_image_folder
-from owners.keys import OwnerKey
+from owners.keys import SECRET_BYTES, OwnerKey
 from protocol.shards import MANIFEST_NAME, Manifest, ShardWriter, atomic_write, sample_id
-from protocol.task import Task
+from protocol.task import PER_IMAGE_KEY_ID, Task
 
 LOCAL_DIR = "local"  # inside the outbox; never uploaded
 
@@ -93,6 +98,11 @@ class _ChunkEncoder:
         self.task = task
         self.cipher = None if secret is None else BlockCipher(secret, CipherGeometry.for_task(task))
 
+    def _encrypt(self, batch: np.ndarray) -> np.ndarray:
+        if self.task.per_image_keys:
+            return encrypt_per_image(batch, CipherGeometry.for_task(self.task))
+        return batch if self.cipher is None else self.cipher.encrypt(batch)
+
     def __call__(self, items: list[SourceImage]) -> list[_Prepared]:
         loaded = []
         for item in items:
@@ -108,12 +118,35 @@ class _ChunkEncoder:
         stored = iter(())
         if good:
             batch = np.stack(good)
-            stored = iter(batch if self.cipher is None else self.cipher.encrypt(batch))
+            stored = iter(self._encrypt(batch))
         return [
             _Prepared(item.relpath, item.label, None if arr is None else self.task.codec.encode(next(stored)),
                       reason, notes, nbytes)
             for item, arr, reason, notes, nbytes in loaded
         ]
+
+
+def encrypt_per_image(images: np.ndarray, geometry: CipherGeometry) -> np.ndarray:
+    """Each image under its own fresh key: a new random secret per image, through the cipher's own
+    schedule derivation, so block order and per-block transforms are distributed exactly as under
+    an owner's key. The secrets are dropped as soon as their image is encrypted."""
+    return np.stack([BlockCipher(os.urandom(SECRET_BYTES), geometry).encrypt(image[None])[0] for image in images])
+
+
+def key_for_task(task: Task, key: OwnerKey | None, plain_ok: bool, whose: str, log) -> OwnerKey | None:
+    """The owner key to encrypt ``whose`` task's images under: none for a task with a fresh key per
+    image (a key the owner named is unused, and it is told so), the owner's for other encrypted
+    tasks, none for a plain task only when the owner asked for plain (``plain_ok``: --plain)."""
+    if task.per_image_keys:
+        if key is not None:
+            log(f"--key {key.name} is unused: {whose} encrypts every image under its own fresh key, kept by nobody")
+        return None
+    if task.encrypted and key is None:
+        raise TaskMismatch(f"{whose} uses scheme {task.scheme!r} with one key per owner: a --key is required")
+    if not task.encrypted and (key is not None or not plain_ok):
+        raise TaskMismatch(f"{whose} uses scheme {task.scheme!r}: images would leave unencrypted; use --plain "
+                           "(no key) if that is what you want")
+    return key
 
 
 _worker_encoder: _ChunkEncoder | None = None  # one per worker process
@@ -212,7 +245,10 @@ def encrypt_folder(
     """Encrypt (or, with ``key=None`` and scheme "plain", just prepare) ``data`` into ``out``."""
     scan = scan_image_folder(data, settings.task.classes if settings.task else None)
     task = settings.task or Task(scan.classes)
-    if task.encrypted != (key is not None):
+    if task.per_image_keys and key is not None:
+        raise OwnerError("this task encrypts every image under its own fresh key (task.key_mode per-image); an "
+                         "owner key is not used: pass none")
+    if not task.per_image_keys and task.encrypted != (key is not None):
         raise OwnerError("a key is required unless the scheme is 'plain' (and refused with it)")
     out = Path(out)
     _reset_outbox_folder(out, overwrite)
@@ -247,7 +283,7 @@ def encrypt_folder(
 def _write_manifest(out: Path, key: OwnerKey | None, task: Task, split: str, run: _Run, shards) -> None:
     """Written last: an outbox without a manifest is known to be incomplete."""
     Manifest(
-        key_id=None if key is None else key.key_id,
+        key_id=PER_IMAGE_KEY_ID if task.per_image_keys else None if key is None else key.key_id,
         scheme=task.scheme,
         image_size=task.image_size,
         block_size=task.block_size if task.encrypted else None,

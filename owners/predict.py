@@ -19,7 +19,8 @@ import numpy as np
 from tqdm import tqdm
 
 from owners.cipher import BlockCipher, CipherGeometry
-from owners.errors import OutboxError, TaskMismatch
+from owners.encrypt import encrypt_per_image, key_for_task
+from owners.errors import OutboxError
 from owners.images import ALLOWED_SUFFIXES, BadImage, load_rgb
 from owners.keys import OwnerKey
 from owners.upload import Connection, ServerTask, open_channel, service_error
@@ -28,7 +29,7 @@ from protocol.net import MAX_MESSAGE_BYTES
 from protocol.proto import ingest_pb2 as pb
 from protocol.proto import ingest_pb2_grpc as pb_grpc
 from protocol.shards import atomic_write
-from protocol.task import Task
+from protocol.task import PER_IMAGE_KEY_ID, Task
 
 PATHS_PER_STEP = 256  # images loaded and encrypted at once: bounds this machine's memory for any number of files
 DEFAULT_MAX_IMAGES = 256  # a server that states no limit (older versions) took at most this many per call
@@ -69,7 +70,9 @@ def _encrypted(key: OwnerKey | None, paths: list[Path], task: Task) -> tuple[lis
     if not arrays:
         return good, [], refused
     batch = np.stack(arrays)
-    if key is not None:
+    if task.per_image_keys:  # each query image under its own fresh key, like an upload of such a task
+        batch = encrypt_per_image(batch, CipherGeometry.for_task(task))
+    elif key is not None:
         batch = BlockCipher(key.secret, CipherGeometry.for_task(task)).encrypt(batch)
     return good, [task.codec.encode(img) for img in batch], refused
 
@@ -115,7 +118,7 @@ class _Service:
 
 def predict_images(key: OwnerKey | None, inputs: list[Path], conn: Connection, top: int = 3,
                    accept_cloud_can_decrypt: bool = False, log=None,
-                   progress: bool | None = None) -> list[PredictionResult]:
+                   progress: bool | None = None, plain_ok: bool = True) -> list[PredictionResult]:
     """Ask the cloud's prediction service about any number of files and folders, in batches within
     the limits the service states; one result per image, in order. A refusal of the whole request
     (wrong key id, wrong token) is raised once, as a ServiceError.
@@ -130,12 +133,14 @@ def predict_images(key: OwnerKey | None, inputs: list[Path], conn: Connection, t
         raise service_error("predict", exc) from None
     try:
         task = _checked_task(service.info, key, accept_cloud_can_decrypt, log)
+        key = key_for_task(task, key, plain_ok, "the model's task", log or (lambda msg: print(msg, file=sys.stderr)))
         results: dict[str, PredictionResult] = {}
         with tqdm(total=len(paths), unit="img", desc="predict", file=sys.stderr, disable=progress is False) as bar:
             for step in range(0, len(paths), PATHS_PER_STEP):
                 good, encoded, refused = _encrypted(key, paths[step:step + PATHS_PER_STEP], task)
                 results.update(refused)
-                probabilities = service.predict(encoded, "" if key is None else key.key_id) if encoded else []
+                key_id = PER_IMAGE_KEY_ID if task.per_image_keys else "" if key is None else key.key_id
+                probabilities = service.predict(encoded, key_id) if encoded else []
                 results.update({path: _ranked(path, p, task.classes, top) for path, p in zip(good, probabilities)})
                 bar.update(len(good) + len(refused))
         return [results[str(p)] for p in paths]
@@ -148,9 +153,6 @@ def predict_images(key: OwnerKey | None, inputs: list[Path], conn: Connection, t
 def _checked_task(info: pb.ModelInfo, key: OwnerKey | None, accept_cloud_can_decrypt: bool, log) -> Task:
     offer = ServerTask.from_pb(info.task)
     task = offer.task
-    if task.encrypted != (key is not None):
-        raise TaskMismatch(f"the model's task uses scheme {task.scheme!r}: "
-                           + ("a --key is required" if task.encrypted else "use --plain"))
     offer.checked_privacy(accept_cloud_can_decrypt, log or (lambda msg: print(msg, file=sys.stderr)))
     return task
 

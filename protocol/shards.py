@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from protocol.codec import CodecError, check_encoded
-from protocol.task import SCHEMES, SPLITS, is_safe_component
+from protocol.task import PER_IMAGE_KEY_ID, SCHEMES, SPLITS, is_safe_component
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "etc-webdataset"
@@ -165,8 +165,8 @@ class Manifest:
         need(self.split in SPLITS, "split", f"{self.split!r} is not train or test")
         need(self.scheme in SCHEMES, "scheme", f"{self.scheme!r} is unknown")
         need((self.key_id is None) == (self.scheme == "plain"), "key_id", "present exactly when encrypted")
-        need(self.key_id is None or re.fullmatch(r"[0-9a-f]{16}", str(self.key_id)) is not None,
-             "key_id", "expected 16 hex digits")
+        need(self.key_id in (None, PER_IMAGE_KEY_ID) or re.fullmatch(r"[0-9a-f]{16}", str(self.key_id)) is not None,
+             "key_id", f"expected 16 hex digits (or {PER_IMAGE_KEY_ID!r}: a fresh key per image)")
         need(isinstance(self.classes, list) and all(is_safe_component(c) for c in self.classes), "classes",
              "expected a list of names that are folder names (no '/', '..' or control characters)")
         need(isinstance(self.class_counts, list) and len(self.class_counts) == len(self.classes),

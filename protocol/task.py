@@ -18,6 +18,7 @@ DEFAULT_BLOCK = {"color": 16, "gray": 8}  # colour: one JPEG 4:2:0 MCU; gray: on
 SPLITS = ("train", "test")
 KEY_MODES = ("owner", "per-image")  # owner: one key per owner, reused for every image | per-image: a fresh
 # random key for every image, kept by nobody (nothing pools across images; the model must need no key)
+PER_IMAGE_KEY_ID = "per-image"  # the manifest key id of per-image-key data: no key of anyone's (never 16 hex digits)
 MAX_IMAGE_SIZE = 1024  # pixels: a task's images are encrypted and held in memory in batches at the owner
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # run names and owner ids: safe in any path
 
