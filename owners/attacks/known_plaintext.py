@@ -232,15 +232,16 @@ def _assign(codes: np.ndarray, chosen: np.ndarray, score: np.ndarray, labels: li
     """Each encrypted block takes its chosen candidate's plain position and variant; a position wanted
     twice goes to the better match, the other block takes its next candidate (or any free position)."""
     n, k = codes.shape
-    preferred = score.copy()
-    preferred[np.arange(n), chosen] = score.min(axis=1) - TIE
+    worst = float(score[np.isfinite(score)].max())
+    preferred = np.where(np.isfinite(score), score, worst + 1.0)  # untried candidates: after every tried one
+    preferred[np.arange(n), chosen] = preferred.min(axis=1) - TIE
     matrix = np.full((n, n), np.inf)
     code_at = np.full((n, n), -1)
     for r in np.argsort(-preferred, axis=1, kind="stable").T:  # worst first: the best candidate of a position wins
         rows = np.arange(n)
         matrix[rows, codes[rows, r] % n] = preferred[rows, r]
         code_at[rows, codes[rows, r] % n] = codes[rows, r]
-    matrix[~np.isfinite(matrix)] = preferred.max() + 1.0  # any free position rather than none
+    matrix[~np.isfinite(matrix)] = worst + 2.0  # any free position rather than none (greedy needs finite costs)
     source = greedy_assignment(matrix)
     picked = code_at[np.arange(n), source]
     variant = np.where(picked >= 0, picked, codes[np.arange(n), chosen]) // n
