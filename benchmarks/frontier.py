@@ -36,7 +36,15 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._common import ROOT, machine_facts
-from benchmarks.multikey import STRATEGIES, ExperimentConfig, key_for, materialise, run_cell, split_owners
+from benchmarks.multikey import (
+    STRATEGIES,
+    ExperimentConfig,
+    key_for,
+    materialise,
+    run_cell,
+    split_owners,
+    with_overrides,
+)
 from mlcore.checkpoint import code_version
 from mlcore.settings import bounded, range_errors
 from orchestrator.config import ConfigError, load_dataclass
@@ -102,7 +110,8 @@ class FrontierConfig:
     test_per_class: int = bounded(100, 1, 500)  # the last images of each class, never trained on
     prior_per_class: int = bounded(200, 1, 400)  # the attacker's public prior: images after the training ones
     model: str = "convmixer_256_8_p4_k9"
-    strategy_models: tuple[StrategyModel, ...] = ()
+    strategy_models: tuple[StrategyModel, ...] = ()  # default: multikey's (per-image-keys: its invariant network)
+    multikey_set: tuple[str, ...] = ()  # FIELD=VALUE for benchmarks.multikey's other fields (federated options)
     epochs: int = bounded(4, 1, 1000)
     batch_size: int = bounded(64, 1, 4096)
     lr: float = bounded(0.01, 1e-6, 1.0)
@@ -134,6 +143,8 @@ def check_config(cfg: FrontierConfig) -> None:
         errors += range_errors(sm, f"strategy_models[{i}].")
     names = {c.name for c in cfg.cells}
     errors += [f"only_cells: {n!r} is not a configured cell" for n in cfg.only_cells if n not in names]
+    for cell in cfg.cells:
+        experiment_for(cfg, cell)  # a bad multikey_set entry stops here, naming the field
     if not cfg.cells:
         errors.append("cells: no cell configured")
     if errors:
@@ -147,15 +158,17 @@ def _selected(cfg: FrontierConfig, cell: CellSpec) -> bool:
 def experiment_for(cfg: FrontierConfig, cell: CellSpec) -> ExperimentConfig:
     """multikey's config for one cell: the budget here, every other field (federated rounds, adapters)
     at multikey's defaults of the day (recorded with the cell)."""
-    model, lr = cfg.model, cfg.lr
+    exp = with_overrides(ExperimentConfig(), list(cfg.multikey_set))
+    exp = dataclasses.replace(exp, data=cfg.data, train_per_class=cfg.train_per_class,
+                              test_per_class=cfg.test_per_class, owners=(cell.owners,), partitions=(cell.partition,),
+                              dirichlet_alpha=cfg.dirichlet_alpha, strategies=(cell.strategy,), model=cfg.model,
+                              epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, out=cfg.out)
     for sm in cfg.strategy_models:
-        if sm.strategy == cell.strategy:
-            model, lr = sm.model, sm.lr
-    return dataclasses.replace(ExperimentConfig(), data=cfg.data, train_per_class=cfg.train_per_class,
-                               test_per_class=cfg.test_per_class, owners=(cell.owners,),
-                               partitions=(cell.partition,), dirichlet_alpha=cfg.dirichlet_alpha,
-                               strategies=(cell.strategy,), model=model, epochs=cfg.epochs,
-                               batch_size=cfg.batch_size, lr=lr, seed=cfg.seed, out=cfg.out)
+        if sm.strategy == cell.strategy == PER_IMAGE:  # multikey keeps the per-image network in fields of its own
+            exp = dataclasses.replace(exp, per_image_model=sm.model, per_image_lr=sm.lr)
+        elif sm.strategy == cell.strategy:
+            exp = dataclasses.replace(exp, model=sm.model, lr=sm.lr)
+    return exp
 
 
 def owner_shares(cfg: FrontierConfig, files: dict[str, list[Path]], cell: CellSpec) -> list[dict[str, list[Path]]]:
