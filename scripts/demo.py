@@ -216,7 +216,7 @@ def predictions(out: Path, setup: dict) -> None:
     refused = subprocess.run([str(BIN / "owner-agent"), "predict", "--key", "private", "--server", server,
                               "--token-file", str(tokens["hospital-b"]), ACCEPT, str(picks[0])],
                              env=homes["hospital-b"], capture_output=True, text=True)
-    print(f"predict with a key the model never saw -> {refused.stderr.strip()}")
+    print(f"predict with a key the model never saw -> {refused.stderr.strip().splitlines()[-1]}")  # the refusal
 
 
 def cloud_side(out: Path, epochs: int) -> None:
