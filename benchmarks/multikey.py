@@ -76,7 +76,7 @@ class ExperimentConfig:
     federated_split_batch: bool = False  # federated: each owner's batch = batch_size / K, so FedAvg takes as
     # many sequential steps as centralised training at equal epochs (4 owners x 16 ~ one batch of 64)
     # federated: the product's convergence options (orchestrator/config.py, FederatedConfig; same meaning)
-    rounds_per_epoch: int = 1
+    rounds_per_epoch: int = 1  # (the runner's defaults are the mode's first version; the product's differ)
     federated_schedule: str = "round"  # federated.schedule: round | run
     local_batchnorm: bool = False  # FedBN
     server_optimizer: str = "fedavg"
@@ -85,7 +85,7 @@ class ExperimentConfig:
     server_beta_1: float = 0.9
     server_beta_2: float = 0.99
     server_tau: float = 1e-3
-    evaluate_every: int = 1000  # owners' per-round evaluation: only after the last round (the runner evaluates)
+    evaluate_every: int = 1000  # epochs: owners evaluate only after the last round (the runner evaluates them)
     only_cells: tuple[str, ...] = ()  # e.g. ["k8-dirichlet"]: run just these K/partition cells (empty: all)
     seed: int = 0
     out: Path = ROOT / "results" / "multikey"

@@ -78,6 +78,7 @@ class LoopbackFederation:
             "training": {"strategy": "federated", "model": model, "epochs": rounds, "batch_size": batch_size,
                          "lr": 0.003},
             "federated": {"listen": f"127.0.0.1:{self.flower_port}", "local_epochs": 1, "min_owners": min_owners,
+                          "rounds_per_epoch": 1, "schedule": "round", "local_batchnorm": False,  # as measured
                           "round_timeout_s": 600, "secure_aggregation": secure},
         }
         self.config = config

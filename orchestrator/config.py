@@ -122,11 +122,11 @@ class FederatedConfig:
     # (a dead owner is noticed by Flower's heartbeat within about a minute anyway)
     secure_aggregation: bool = False  # Flower SecAgg+: the server sees only the sum of the owners' trunk updates
     # Convergence (docs/results.md, "Federated convergence", measured every option at the CPU budget):
-    rounds_per_epoch: int = bounded(1, 1, 100)  # > 1: more, shorter rounds (1/this of a local epoch each) at
+    rounds_per_epoch: int = bounded(4, 1, 100)  # > 1: more, shorter rounds (1/this of a local epoch each) at
     # the same budget: the trunk is averaged more often; needs local_epochs 1
-    schedule: str = "round"  # round: a fresh AdamW one-cycle per round | run: each owner keeps its AdamW state and
-    # follows one one-cycle over the whole run, as centralised training does
-    local_batchnorm: bool = False  # FedBN: BatchNorm weights and statistics stay with each owner, never averaged
+    schedule: str = "run"  # run: each owner keeps its AdamW state and follows one one-cycle over the whole run,
+    # as centralised training does | round: a fresh AdamW one-cycle per round (the mode's first version)
+    local_batchnorm: bool = True  # FedBN: BatchNorm weights and statistics stay with each owner, never averaged
     server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi (Flower's strategies)
     server_lr: float = bounded(1.0, 1e-4, 10.0)  # step on the owners' mean update; 1 with fedavg is FedAvg itself,
     # above 1 extrapolates (the mean of K short local runs moves less than one run K times as long)
@@ -135,8 +135,9 @@ class FederatedConfig:
     server_beta_2: float = bounded(0.99, 0.0, 0.9999)  # fedadam/fedyogi: second-moment decay
     server_tau: float = bounded(1e-3, 1e-9, 1.0)  # fedadam/fedyogi: adaptivity floor (a step is at most ~lr/tau x
     # the update); below 1e-9 float32 weights cannot tell it from 0
-    evaluate_every: int = bounded(1, 1, 10_000)  # owners evaluate on their test split every this many rounds (and
-    # after the last): with many short rounds, evaluating each one would cost as much as training
+    evaluate_every: int = bounded(1, 1, 10_000)  # owners evaluate on their test split every this many local epochs
+    # (rounds_per_epoch rounds each) and after the last round: evaluating every short round would cost as much
+    # as training
 
 
 @dataclass(frozen=True)

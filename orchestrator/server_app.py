@@ -234,9 +234,9 @@ def like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
 def run_rounds(grid: Grid, strategy: FedAvg, plan: FederatedPlan, arrays: ArrayRecord, config: ConfigRecord,
                min_owners: int, timeout_s: float, secure: bool, evaluate_every: int, log=print) -> Result:
     """``plan.rounds`` rounds of the strategy (Flower's ``Strategy.start``, with each round's training
-    through SecAgg+ when ``secure``), the owners evaluating every ``evaluate_every`` rounds and after
-    the last."""
-    result = Result(arrays=arrays)
+    through SecAgg+ when ``secure``), the owners evaluating every ``evaluate_every`` local epochs and
+    after the last round."""
+    result, evaluate_rounds = Result(arrays=arrays), evaluate_every * plan.rounds_per_epoch
     for rnd in range(1, plan.rounds + 1):
         if secure:
             mean, metrics = secure_train_round(grid, rnd, result.arrays, config, min_owners, timeout_s, log)
@@ -246,7 +246,7 @@ def run_rounds(grid: Grid, strategy: FedAvg, plan: FederatedPlan, arrays: ArrayR
             trained, metrics = strategy.aggregate_train(rnd, grid.send_and_receive(messages, timeout=timeout_s))
         if trained is not None:
             result.arrays, result.train_metrics_clientapp[rnd] = like(trained, arrays), metrics
-        if rnd % evaluate_every and rnd != plan.rounds:
+        if rnd % evaluate_rounds and rnd != plan.rounds:
             continue
         messages = strategy.configure_evaluate(rnd, result.arrays, config, grid)
         evaluated = strategy.aggregate_evaluate(rnd, grid.send_and_receive(messages, timeout=timeout_s))

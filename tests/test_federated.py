@@ -75,7 +75,7 @@ def test_federation_survives_an_owner_killed_mid_round(tmp_path):
         "ingest": {"listen": f"127.0.0.1:{ingest_port}", "store": str(tmp_path / "store"), "insecure_loopback": True,
                    "owners": [{"id": o, "token_sha256": token_sha256(t)} for o, t in tokens.items()]},
         "training": {"strategy": "federated", "epochs": 3, "batch_size": 32, "lr": 0.003},
-        "federated": {"listen": f"127.0.0.1:{flower_port}", "local_epochs": 1, "min_owners": 2,
+        "federated": {"listen": f"127.0.0.1:{flower_port}", "local_epochs": 1, "rounds_per_epoch": 1, "min_owners": 2,
                       "round_timeout_s": 300},
     }
     (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(config))

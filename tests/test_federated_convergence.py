@@ -51,7 +51,7 @@ def cluster(**federated) -> dict:
     ({"server_tau": 0.0}, "federated.server_tau: 0.0 is outside the allowed range"),
     ({"schedule": "cosine"}, "federated.schedule: 'cosine' is not one of round, run"),
     ({"rounds_per_epoch": 4, "local_epochs": 2}, "federated.rounds_per_epoch: 4 splits one local epoch"),
-    ({"server_optimizer": "fedadam"}, "it needs federated.local_batchnorm: true"),
+    ({"server_optimizer": "fedadam", "local_batchnorm": False}, "it needs federated.local_batchnorm: true"),
 ])
 def test_bad_convergence_options_are_refused_naming_the_field(federated, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[")):
@@ -59,10 +59,12 @@ def test_bad_convergence_options_are_refused_naming_the_field(federated, message
 
 
 def test_rounds_per_epoch_multiplies_the_rounds_and_the_plan_carries_the_owner_side():
-    cfg = parse_config(cluster(rounds_per_epoch=4, schedule="run", local_batchnorm=True, server_optimizer="fedyogi"))
+    cfg = parse_config(cluster(rounds_per_epoch=2, server_optimizer="fedyogi"))
     plan = plan_for(cfg)
-    assert (plan.rounds, plan.epochs, plan.schedule, plan.local_batchnorm) == (16, 4, "run", True)
+    assert (plan.rounds, plan.epochs, plan.schedule, plan.local_batchnorm) == (8, 4, "run", True)
     assert FederatedPlan.from_json(plan.to_json()) == plan
+    first = plan_for(parse_config(cluster(rounds_per_epoch=1, schedule="round", local_batchnorm=False)))
+    assert (first.rounds, first.schedule, first.local_batchnorm) == (4, "round", False)  # the first version
 
 
 def test_short_rounds_take_each_epochs_batches_once_in_a_fresh_order_per_epoch():

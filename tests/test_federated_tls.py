@@ -60,7 +60,7 @@ def cluster(tmp_path: Path, pki: dict[str, Path], ingest_port: int, flower_port:
         "ingest": {"listen": f"127.0.0.1:{ingest_port}", "store": str(tmp_path / "store"), "tls": tls,
                    "owners": [{"id": OWNER, "token_sha256": token_sha256(TOKEN), "node_public_key": node_key}]},
         "training": {"strategy": "federated", "epochs": 1, "batch_size": 8},
-        "federated": {"listen": f"127.0.0.1:{flower_port}", "local_epochs": 1, "min_owners": 1,
+        "federated": {"listen": f"127.0.0.1:{flower_port}", "local_epochs": 1, "rounds_per_epoch": 1, "min_owners": 1,
                       "round_timeout_s": 300},
     }
     path = tmp_path / "cluster.yaml"
