@@ -122,7 +122,7 @@ class FederatedConfig:
     # (a dead owner is noticed by Flower's heartbeat within about a minute anyway)
     secure_aggregation: bool = False  # Flower SecAgg+: the server sees only the sum of the owners' trunk updates
     # Convergence (docs/results.md, "Federated convergence", measured every option at the CPU budget):
-    rounds_per_epoch: int = bounded(4, 1, 100)  # > 1: more, shorter rounds (1/this of a local epoch each) at
+    rounds_per_epoch: int = bounded(8, 1, 100)  # > 1: more, shorter rounds (1/this of a local epoch each) at
     # the same budget: the trunk is averaged more often; needs local_epochs 1
     schedule: str = "run"  # run: each owner keeps its AdamW state and follows one one-cycle over the whole run,
     # as centralised training does | round: a fresh AdamW one-cycle per round (the mode's first version)
