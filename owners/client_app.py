@@ -4,9 +4,10 @@ Each round: take the server's trunk, put the owner's private adapter in front of
 owner's own encrypted shards (``mlcore/federated.py``), send back the trunk only. The adapter
 stays here (with FedBN, ``local_batchnorm``, the trunk's BatchNorm layers too): in the run's
 context state, and on disk (``<state-dir>/adapter-<key id>.pt``) for predictions at the owner.
-With ``schedule: run`` the owner's AdamW state also stays in the context state between rounds. ``adapter_init = "key"`` (default) starts the adapter at the exact
-inverse of the owner's key, which only the owner can compute; ``"learned"`` starts it at identity
-and learns it like the cloud's key-adapters strategy does.
+With ``schedule: run`` the owner's AdamW state also stays in the context state between rounds.
+``adapter_init = "key"`` (default) starts the adapter at the exact inverse of the owner's key,
+which only the owner can compute; ``"learned"`` starts it at identity and learns it
+like the cloud's key-adapters strategy does.
 
 ``app`` is what a SuperNode started by ``owner-agent federate`` runs; its node config names the
 outbox folders, the key (a keyring name or key-file path, never the secret) and the state folder.
