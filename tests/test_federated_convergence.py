@@ -18,7 +18,6 @@ import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvgM
-from flwr.supercore.task_identity import TaskIdentity
 
 import orchestrator.server_app as server_app
 from benchmarks.secagg_cost import InProcessGrid
@@ -30,6 +29,7 @@ from owners.client_app import OPTIMIZER_KEY, STATE_KEY, OwnerSite, make_client_a
 from owners.encrypt import EncryptSettings, encrypt_folder
 from owners.keys import OwnerKey
 from protocol.task import Task
+from tests.test_secagg import task_identity  # noqa: F401 - autouse: Flower stamps messages with a run and node
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "cifar10-sample"
@@ -76,15 +76,6 @@ def test_short_rounds_take_each_epochs_batches_once_in_a_fresh_order_per_epoch()
         taken = [i for _, batches in rounds[3 * epoch:3 * epoch + 3] for b in batches for i in b]
         assert len(taken) == len(set(taken)) == 96
     assert rounds[0][1][0] != rounds[3][1][0]
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages are stamped with the process's run and node (Flower sets them in its processes)."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 @pytest.fixture(scope="module")

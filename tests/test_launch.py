@@ -1,4 +1,5 @@
 """orchestrator launch end to end, and Ray Train surviving a killed worker. Real Ray, real gRPC."""
+import contextlib
 import json
 import os
 import signal
@@ -60,6 +61,34 @@ def wait_until(condition, what: str, timeout: float = WAIT, poll: float = 0.2):
     return value
 
 
+@contextlib.contextmanager
+def launch_in_background(cfg):
+    """``launch(cfg, once=False)`` in a thread: yields (log messages, outcome dict with "report" or
+    "error"); on leaving, stops it, waits, and fails the test if launch raised."""
+    from orchestrator.launch import launch
+
+    messages: list[str] = []
+    stop, outcome = threading.Event(), {}
+
+    def run():
+        try:
+            outcome["report"] = launch(cfg, once=False, stop=stop, log=messages.append)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: any(m.startswith("ingest service on port") for m in messages) or "error" in outcome,
+                   "ingest")
+        assert "error" not in outcome, outcome.get("error")
+        yield messages, outcome
+    finally:
+        stop.set()
+        thread.join(120)
+    assert "error" not in outcome, outcome.get("error")
+
+
 def check_status(tmp_path, doc, capsys, report, report_path) -> None:
     """`orchestrator status` (a separate reader of the store) shows the owners, datasets and the run."""
     from orchestrator.cli import main as orchestrator
@@ -107,8 +136,6 @@ def check_ray_metrics(run_name: str) -> None:
 
 
 def test_launch_trains_on_two_owners_reports_and_serves(tmp_path, monkeypatch, capsys):
-    from orchestrator.launch import launch
-
     ingest_port, serve_port, dash_port = free_port(), free_port(), free_port()
     cfg = parse_config(doc := {
         "name": "launch-test",
@@ -120,22 +147,7 @@ def test_launch_trains_on_two_owners_reports_and_serves(tmp_path, monkeypatch, c
                      "wait_timeout_s": WAIT},
         "serve": {"listen": f"127.0.0.1:{serve_port}"},
     })
-    messages: list[str] = []
-    stop = threading.Event()
-    outcome = {}
-
-    def run():
-        try:
-            outcome["report"] = launch(cfg, once=False, stop=stop, log=messages.append)
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: any(m.startswith("ingest service on port") for m in messages) or "error" in outcome,
-                   "ingest")
-        assert "error" not in outcome, outcome.get("error")
+    with launch_in_background(cfg) as (messages, outcome):
         dashboard = next(m.split(": ", 1)[1] for m in messages if m.startswith("Ray dashboard:"))
         folders = owner_folders(tmp_path / "data", per_class=30)
         monkeypatch.setenv("OWNER_AGENT_HOME", str(tmp_path / "home"))
@@ -192,10 +204,6 @@ def test_launch_trains_on_two_owners_reports_and_serves(tmp_path, monkeypatch, c
             info = pb_grpc.PredictorStub(channel).GetModelInfo(
                 pb.ModelInfoRequest(), metadata=(("authorization", f"Bearer {TOKENS['hospital-a']}"),), timeout=30)
         assert list(info.key_ids) == [SHARED.key_id]
-    finally:
-        stop.set()
-        thread.join(120)
-    assert "error" not in outcome, outcome.get("error")
 
 
 def test_killed_training_worker_resumes_from_its_last_checkpoint(tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ from protocol.net import free_port
 from protocol.shards import sample_id
 from protocol.task import PER_IMAGE_KEY_ID, Task
 from tests.test_ingest import KEY_A
-from tests.test_launch import CLASSES, SAMPLE, owner_folders, wait_until
+from tests.test_launch import CLASSES, SAMPLE, launch_in_background, owner_folders, wait_until
 
 MODEL = "invariant_128_6_p2_k5_mean"  # the smallest of the family: the test checks behaviour, not accuracy
 TOKENS = {"hospital-a": "per-image-token-a", "hospital-b": "per-image-token-b"}
@@ -157,28 +156,12 @@ def test_the_per_image_key_id_is_nobodys_and_only_for_per_image_runs(tmp_path):
 
 
 def test_launch_trains_and_serves_per_image_keys_from_two_owners(tmp_path, monkeypatch, capsys):
-    from orchestrator.launch import launch
-
     serve_port, ingest_port = free_port(), free_port()
     doc = cluster(tmp_path, epochs=1, batch_size=32, start_when=list(TOKENS), wait_timeout_s=600)
     doc["ingest"]["listen"] = f"127.0.0.1:{ingest_port}"
     doc["serve"] = {"listen": f"127.0.0.1:{serve_port}"}
     cfg = parse_config(doc)
-    messages: list[str] = []
-    stop, outcome = threading.Event(), {}
-
-    def run():
-        try:
-            outcome["report"] = launch(cfg, once=False, stop=stop, log=messages.append)
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: any(m.startswith("ingest service on port") for m in messages) or "error" in outcome,
-                   "ingest")
-        assert "error" not in outcome, outcome.get("error")
+    with launch_in_background(cfg) as (messages, outcome):
         folders = owner_folders(tmp_path / "data", per_class=10)
         monkeypatch.setenv("OWNER_AGENT_HOME", str(tmp_path / "home"))
         conn = {o: Connection(f"127.0.0.1:{ingest_port}", t) for o, t in TOKENS.items()}
@@ -207,7 +190,3 @@ def test_launch_trains_and_serves_per_image_keys_from_two_owners(tmp_path, monke
                                      plain_ok=False, progress=False)
             assert [r.path for r in results] == [str(p) for p in images]
             assert all(r.error is None and r.top[0][0] in CLASSES for r in results)
-    finally:
-        stop.set()
-        thread.join(120)
-    assert "error" not in outcome, outcome.get("error")
