@@ -43,7 +43,7 @@ from mlcore.data import EncodedImages, ShardRef, outbox_refs
 from mlcore.loop import evaluate
 from models import Network
 from models.keyed import TokenAdapter
-from orchestrator.config import TrainingConfig, load_dataclass
+from orchestrator.config import FederatedConfig, TrainingConfig, load_dataclass
 from orchestrator.launch import evaluate_checkpoint
 from orchestrator.training import TrainJob, run_training
 from owners.cipher import CipherGeometry, derive_schedule
@@ -52,6 +52,8 @@ from owners.keys import OwnerKey
 from protocol.task import Task
 
 STRATEGIES = ("plain", "shared-key", "pooled", "key-adapters", "federated", "federated-shared-key", "per-image-keys")
+
+PRODUCT_FEDERATED = FederatedConfig()
 
 
 @dataclass(frozen=True)
@@ -75,16 +77,17 @@ class ExperimentConfig:
     local_epochs: int = 1  # federated: epochs per round
     federated_split_batch: bool = False  # federated: each owner's batch = batch_size / K, so FedAvg takes as
     # many sequential steps as centralised training at equal epochs (4 owners x 16 ~ one batch of 64)
-    # federated: the product's convergence options (orchestrator/config.py, FederatedConfig; same meaning)
-    rounds_per_epoch: int = 1  # (the runner's defaults are the mode's first version; the product's differ)
-    federated_schedule: str = "round"  # federated.schedule: round | run
-    local_batchnorm: bool = False  # FedBN
-    server_optimizer: str = "fedavg"
-    server_lr: float = 1.0
-    server_momentum: float = 0.0
-    server_beta_1: float = 0.9
-    server_beta_2: float = 0.99
-    server_tau: float = 1e-3
+    # federated: the product's convergence options and their defaults (orchestrator/config.py FederatedConfig;
+    # benchmarks/multikey-cpu.yaml pins the mode's first version, which its table measured)
+    rounds_per_epoch: int = PRODUCT_FEDERATED.rounds_per_epoch
+    federated_schedule: str = PRODUCT_FEDERATED.schedule  # federated.schedule: round | run
+    local_batchnorm: bool = PRODUCT_FEDERATED.local_batchnorm  # FedBN
+    server_optimizer: str = PRODUCT_FEDERATED.server_optimizer
+    server_lr: float = PRODUCT_FEDERATED.server_lr
+    server_momentum: float = PRODUCT_FEDERATED.server_momentum
+    server_beta_1: float = PRODUCT_FEDERATED.server_beta_1
+    server_beta_2: float = PRODUCT_FEDERATED.server_beta_2
+    server_tau: float = PRODUCT_FEDERATED.server_tau
     evaluate_every: int = 1000  # epochs: owners evaluate only after the last round (the runner evaluates them)
     only_cells: tuple[str, ...] = ()  # e.g. ["k8-dirichlet"]: run just these K/partition cells (empty: all)
     seed: int = 0
@@ -187,7 +190,6 @@ def federated_cell(cfg: ExperimentConfig, k: int, partition: str, job: TrainJob,
     import torch
 
     from mlcore.federated import FederatedPlan, owner_model
-    from orchestrator.config import FederatedConfig
     from orchestrator.federate import simulate
     from owners.client_app import OwnerSite, make_client_app
 

@@ -14,13 +14,12 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from owners.encrypt import LOCAL_DIR, EncryptSettings, encrypt_folder, key_for_task
+from owners.encrypt import LOCAL_DIR, EncryptSettings, encrypt_folder, key_for_task, upload_key_id
 from owners.files import private_dir
 from owners.images import scan_image_folder
 from owners.keys import OwnerKey, keyring_dir
 from owners.upload import Connection, IngestClient, upload_outbox
 from protocol.shards import MANIFEST_NAME, atomic_write
-from protocol.task import PER_IMAGE_KEY_ID
 
 
 def default_outbox(server: str, run_name: str, owner_id: str, split: str, key_id: str | None) -> Path:
@@ -73,8 +72,7 @@ def run_agent(key: OwnerKey | None, data: Path, conn: Connection, split: str, ou
         offer.checked_privacy(accept_cloud_can_decrypt, log)
         settings = EncryptSettings(task=task, split=split, shard_images=shard_images)
         log(f"{offer.describe()}, {task.format}")
-        key_id = PER_IMAGE_KEY_ID if task.per_image_keys else None if key is None else key.key_id
-        outbox = outbox or default_outbox(conn.server, offer.run_name, offer.owner_id, split, key_id)
+        outbox = outbox or default_outbox(conn.server, offer.run_name, offer.owner_id, split, upload_key_id(task, key))
         private_dir(outbox)
         encrypt_unless_current(data, outbox, key, settings, progress, log)
         state = upload_outbox(outbox, client, new_key_domain, progress)

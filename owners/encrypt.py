@@ -238,6 +238,14 @@ class _Run:
         atomic_write(self.out / LOCAL_DIR / "report.json", (json.dumps(report, indent=1) + "\n").encode(), private=True)
 
 
+def upload_key_id(task: Task, key: OwnerKey | None) -> str | None:
+    """The key id an outbox and its upload carry: ``per-image`` (nobody's) for a task with a fresh key
+    per image, the owner key's id otherwise, none for plain images."""
+    if task.per_image_keys:
+        return PER_IMAGE_KEY_ID
+    return None if key is None else key.key_id
+
+
 def encrypt_folder(
     data: Path, out: Path, key: OwnerKey | None, settings: EncryptSettings,
     overwrite: bool = False, progress: bool | None = None,
@@ -283,7 +291,7 @@ def encrypt_folder(
 def _write_manifest(out: Path, key: OwnerKey | None, task: Task, split: str, run: _Run, shards) -> None:
     """Written last: an outbox without a manifest is known to be incomplete."""
     Manifest(
-        key_id=PER_IMAGE_KEY_ID if task.per_image_keys else None if key is None else key.key_id,
+        key_id=upload_key_id(task, key),
         scheme=task.scheme,
         image_size=task.image_size,
         block_size=task.block_size if task.encrypted else None,

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from owners.cipher import BlockCipher, CipherGeometry
-from owners.encrypt import encrypt_per_image, key_for_task
+from owners.encrypt import encrypt_per_image, key_for_task, upload_key_id
 from owners.errors import OutboxError
 from owners.images import ALLOWED_SUFFIXES, BadImage, load_rgb
 from owners.keys import OwnerKey
@@ -29,7 +29,7 @@ from protocol.net import MAX_MESSAGE_BYTES
 from protocol.proto import ingest_pb2 as pb
 from protocol.proto import ingest_pb2_grpc as pb_grpc
 from protocol.shards import atomic_write
-from protocol.task import PER_IMAGE_KEY_ID, Task
+from protocol.task import Task
 
 PATHS_PER_STEP = 256  # images loaded and encrypted at once: bounds this machine's memory for any number of files
 DEFAULT_MAX_IMAGES = 256  # a server that states no limit (older versions) took at most this many per call
@@ -139,8 +139,7 @@ def predict_images(key: OwnerKey | None, inputs: list[Path], conn: Connection, t
             for step in range(0, len(paths), PATHS_PER_STEP):
                 good, encoded, refused = _encrypted(key, paths[step:step + PATHS_PER_STEP], task)
                 results.update(refused)
-                key_id = PER_IMAGE_KEY_ID if task.per_image_keys else "" if key is None else key.key_id
-                probabilities = service.predict(encoded, key_id) if encoded else []
+                probabilities = service.predict(encoded, upload_key_id(task, key) or "") if encoded else []
                 results.update({path: _ranked(path, p, task.classes, top) for path, p in zip(good, probabilities)})
                 bar.update(len(good) + len(refused))
         return [results[str(p)] for p in paths]

@@ -111,6 +111,7 @@ def train_replies(grid: InProcessGrid) -> list[dict[str, torch.Tensor]]:
             and "stored" not in m.content["metrics"]]
 
 
+@pytest.mark.slow
 def test_fedavgm_with_fedbn_and_short_rounds(sites, tmp_path):
     """FedAvgM (server lr 1.5, momentum 0.5) over 2 half-epoch rounds, FedBN, schedule run: no BatchNorm
     tensor reaches the server, each owner keeps its own across rounds, and the final trunk is Flower's
@@ -160,6 +161,7 @@ def test_server_step_is_the_strategys_step_from_the_owners_mean():
     assert torch.allclose(stepped.to_torch_state_dict()["w"], torch.tensor([2.0, -4.0, 1.0]))
 
 
+@pytest.mark.slow
 def test_secure_aggregation_with_a_server_optimizer_and_fedbn(sites, tmp_path, monkeypatch):
     """SecAgg+ with FedAdam and FedBN: owners mask updates of the trunk less its BatchNorm; the server
     ends with a finite trunk of exactly those tensors, moved from the initial one."""
