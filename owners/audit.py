@@ -17,6 +17,10 @@ per-image): what a cloud can do with the uploads alone. Known plaintext is repor
 always `broken` (one leaked pair reveals the schedule) and says what a leak costs; it re-encodes
 candidates with the task's codec and uses up to KP_UPLOADS other uploads, as the cloud can.
 
+Gray scheme: the layout (arr~) is the Y plane's, which has a square grid where the cipher plane has
+none, and the verdict takes the better of the RGB and the Y plane's SSIM (``owners/attacks/luma.py``):
+a grey picture recovered with wrong colours is a privacy loss all the same.
+
 With per-image keys (``Task.key_mode = "per-image"``, ``owner-agent audit --per-image-keys``) every
 image is encrypted under its own fresh random key instead of the owner's, the same attacks run on
 what the cloud would then hold, and each is scored per image against that image's own key
@@ -24,6 +28,7 @@ what the cloud would then hold, and each is scored per image against that image'
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +39,7 @@ from PIL import Image, ImageDraw
 from owners.attacks.ciphertext_only import ciphertext_only_attack
 from owners.attacks.common import ScheduleCipher
 from owners.attacks.known_plaintext import known_plaintext_attack
+from owners.attacks.luma import luma_arrangement, luma_ssim
 from owners.attacks.per_image import per_image_attack
 from owners.attacks.per_image_keys import encrypt_each, score_each
 from owners.attacks.prior import NaturalImagePrior
@@ -61,10 +67,12 @@ class AttackRow:
     score: Score
     seconds: float
     verdict: str
+    luma_ssim: float | None = None  # gray scheme: SSIM of the Y plane alone
 
     def as_dict(self) -> dict:
+        luma = {} if self.luma_ssim is None else {"luma_ssim": round(self.luma_ssim, 4)}
         return {"attack": self.attack, "images": self.images, "scored": self.scored,
-                "seconds": round(self.seconds, 3), "verdict": self.verdict, **self.score.as_dict()}
+                "seconds": round(self.seconds, 3), "verdict": self.verdict, **self.score.as_dict(), **luma}
 
 
 @dataclass
@@ -133,7 +141,7 @@ def _timed(fn, *args):
 class AuditPlan:
     counts: tuple[int, ...] = (30, 100, 1000)  # ciphertext-only: images the cloud holds (capped by the folder)
     pairs: tuple[int, ...] = (1, 3)  # known plaintext: plain/encrypted pairs
-    per_image: int = 20  # images attacked one at a time (colour scheme)
+    per_image: int = 20  # images attacked one at a time
     limit: int = 1250  # images read from the folder (a fifth of them become the prior)
 
 
@@ -166,7 +174,7 @@ def run_audit(data: Path, secret: bytes, geometry: CipherGeometry, codec: Codec,
         estimate, seconds = _timed(ciphertext_only_attack, stored[:n], geometry, prior)
         report.rows.append(scorer.row("ciphertext only", n, estimate, slice(0, n), seconds))
         reconstructions["ciphertext only"] = (estimate, f"{n} uploads only")
-    if geometry.scheme == "color" and plan.per_image:
+    if plan.per_image:
         estimates, seconds = _timed(per_image_attack, stored[:plan.per_image], geometry, prior)
         report.rows.append(scorer.row("one image at a time", 1, estimates, slice(0, plan.per_image),
                                       seconds / max(1, len(estimates))))
@@ -194,7 +202,15 @@ class _Scorer:
             score = score_each(each, truths, self.geometry, stored, plain)
         else:  # one key: the mirror reading is decided once for the whole key
             score = score_attack(estimate, truths[0], self.geometry, stored, plain)
-        return AttackRow(attack, held, len(plain), score, seconds, verdict_of(score))
+        if self.geometry.scheme != "gray":
+            return AttackRow(attack, held, len(plain), score, seconds, verdict_of(score))
+        layout = [luma_arrangement(e, t, self.geometry) for e, t in zip(each, truths)]
+        y_ssim = float(np.mean([luma_ssim(e, self.geometry, stored[i:i + 1], plain[i:i + 1])[0]
+                                for i, e in enumerate(each)]))
+        if None not in layout:
+            score = dataclasses.replace(score, arrangement=float(np.mean(layout)))
+        seen = dataclasses.replace(score, ssim=max(score.ssim, y_ssim))  # what the cloud sees best decides
+        return AttackRow(attack, held, len(plain), score, seconds, verdict_of(seen), y_ssim)
 
 
 def write_picture(path: Path, plain: np.ndarray, stored: np.ndarray, reconstructions: dict,
@@ -232,21 +248,25 @@ def table_text(report: AuditReport) -> str:
     """The human-readable table printed by ``owner-agent audit``."""
     g = report.geometry
     keys = "each image under its own fresh key" if report.per_image_keys else "one key"
+    gray = g.scheme == "gray"
     lines = [f"audit of {g.height}x{g.width} {g.scheme} EtC, {g.block}-pixel blocks, {report.codec.format} "
              f"(q{report.codec.quality}), {keys}: {report.attacked} images attacked, {report.prior_images} held out "
              "as the attacker's prior",
              f"{'attack':<22}{'images':>7}{'key':>7}{'pos':>7}{'arr~':>7}{'orient':>7}{'neg':>7}{'chan':>7}"
-             f"{'exact':>7}{'exact~':>7}{'SSIM':>7}{'PSNR':>7}{'s':>8}  verdict"]
+             f"{'exact':>7}{'exact~':>7}{'SSIM':>7}" + (f"{'SSIM-Y':>7}" if gray else "")
+             + f"{'PSNR':>7}{'s':>8}  verdict"]
     for r in report.rows:
         s = r.score
         ch = f"{s.channels:7.0%}" if s.channels is not None else f"{'-':>7}"
         arr = f"{s.arrangement:7.0%}" if s.arrangement is not None else f"{'-':>7}"
+        luma = (f"{r.luma_ssim:7.2f}" if r.luma_ssim is not None else f"{'-':>7}") if gray else ""
         lines.append(f"{r.attack:<22}{r.images:>7}{s.key:7.0%}{s.position:7.0%}{arr}{s.orientation:7.0%}"
-                     f"{s.negate:7.0%}{ch}{s.exact:7.0%}{s.exact_up_to_flip:7.0%}{s.ssim:7.2f}{s.psnr:7.1f}"
+                     f"{s.negate:7.0%}{ch}{s.exact:7.0%}{s.exact_up_to_flip:7.0%}{s.ssim:7.2f}{luma}{s.psnr:7.1f}"
                      f"{r.seconds:8.2f}  {r.verdict}")
     lines.append("key: blocks with every part of the schedule right (up to one mirror flip); arr~: blocks in place up "
                  "to a turn of the whole image; exact: images decrypted as the key does (exact~: or as their mirror "
-                 "image); SSIM/PSNR: reconstruction vs plain")
+                 "image); SSIM/PSNR: reconstruction vs plain" + ("; gray: arr~ and SSIM-Y are the Y plane's alone, and "
+                                                                  "the verdict takes the better SSIM" if gray else ""))
     lines.append(f"verdict (what a cloud can do with the uploads alone): {report.verdict}. Thresholds: broken "
                  f"if key >= {BROKEN['key']:.0%} or exact~ >= {BROKEN['exact']:.0%} or SSIM >= {BROKEN['ssim']}; "
                  f"weak if key >= {WEAK['key']:.0%} or exact~ >= {WEAK['exact']:.0%} or SSIM >= {WEAK['ssim']} "

@@ -117,7 +117,8 @@ def test_per_image_keys_on_a_measured_colour_geometry_are_not_refused(size, bloc
 
 
 @pytest.mark.parametrize("task,words", [
-    ({"scheme": "gray", "block_size": 8, "key_mode": "per-image"}, "not measured one image at a time"),
+    ({"scheme": "gray", "image_size": 64, "block_size": 8, "key_mode": "per-image"},
+     "not measured one image at a time"),
     ({"image_size": 48, "block_size": 16, "key_mode": "per-image"}, "not measured one image at a time"),
     ({"block_size": 32, "key_mode": "per-image"}, "1 block(s)"),
     ({"block_size": 16}, "from 30 encrypted images of one key"),

@@ -13,8 +13,10 @@ borders decide which fits: colours, like edges, continue across block borders.
 
 Borders cannot tell the whole picture from itself turned or recoloured as a whole, so that last
 choice (8 turns x 12 colourings) is the one the prior's region histograms like best (sky-blue at
-the top, brown or green at the bottom). Colour scheme only (the gray scheme's planes cannot be
-told apart in one image by these statistics).
+the top, brown or green at the bottom).
+
+The gray scheme (Y, Cb and Cr planes side by side, no colourings to try) has its own one-image
+attack, :func:`owners.attacks.gray.few_images_attack`, to which :func:`single_image_attack` hands it.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import numpy as np
 
 from owners.attacks.ciphertext_only import HYPOTHESES, colour_attack, then_colour, undo_colour
 from owners.attacks.common import INVERSE, blocks_of, cipher_planes, make_schedule
+from owners.attacks.gray import few_images_attack
 from owners.attacks.jigsaw import dissimilarities, mean_picture, solve, turned_grid
 from owners.attacks.prior import NaturalImagePrior
 from owners.cipher import NUM_TRANSFORMS, BlockSchedule, CipherGeometry, transform_block
@@ -62,6 +65,8 @@ def upright_by_regions(grid: np.ndarray, blocks: np.ndarray, prior: NaturalImage
 
 def single_image_attack(encrypted: np.ndarray, geometry: CipherGeometry, prior: NaturalImagePrior) -> BlockSchedule:
     """encrypted: one image as stored, shape (1, ...) -> the schedule estimated from it alone."""
+    if geometry.scheme == "gray":
+        return few_images_attack(encrypted, geometry, prior)
     n, k = geometry.num_blocks, len(HYPOTHESES)
     if n * k * NUM_TRANSFORMS > MAX_PIECES:
         return colour_attack(encrypted, geometry, prior)

@@ -1,0 +1,45 @@
+"""The gray scheme's reconstruction as a viewer sees it in its luma plane alone.
+
+A reconstruction whose Y plane is right shows the picture in grey, a privacy loss even where its
+Cb and Cr planes are wrong; SSIM on RGB (:mod:`owners.attacks.scoring`) mixes those wrong colours
+in, and the layout figure there needs a square block grid (the gray cipher plane's three planes
+side by side are not). These score the Y plane alone, each the better of the direct and the
+mirrored reading (a viewer recognises a mirrored picture too).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from owners.attacks.common import ScheduleCipher
+from owners.attacks.scoring import ssim
+from owners.cipher import NUM_TRANSFORMS, BlockSchedule, CipherGeometry, rgb_to_stacked_ycbcr, transform_block
+
+
+def luma_arrangement(estimate: BlockSchedule, truth: BlockSchedule, geometry: CipherGeometry) -> float | None:
+    """Fraction of the Y plane's blocks the estimate puts in the Y plane at their place, up to the best
+    of the 8 turns/flips of the whole image (None where the plane's block grid is not square)."""
+    rows, cols = geometry.height // geometry.block, geometry.width // geometry.block
+    if rows != cols:
+        return None
+    per_row = 3 * cols
+    true_r, true_c = np.divmod(np.asarray(truth.source), per_row)
+    est_r, est_c = np.divmod(np.asarray(estimate.source), per_row)
+    luma = true_c < cols  # output blocks whose plain block is in the Y plane
+    in_luma = est_c[luma] < cols
+    estimated = est_r[luma] * cols + est_c[luma]
+    grid = np.arange(rows * cols).reshape(rows, cols)
+    best = 0.0
+    for code in range(NUM_TRANSFORMS):
+        new_position = np.argsort(transform_block(grid, code).reshape(-1))  # old position -> new position
+        moved = new_position[true_r[luma] * cols + true_c[luma]]
+        best = max(best, float(np.mean(in_luma & (moved == estimated))))
+    return best
+
+
+def luma_ssim(estimate: BlockSchedule, geometry: CipherGeometry, encrypted: np.ndarray,
+              plain: np.ndarray) -> np.ndarray:
+    """Per image, SSIM of the estimate's Y plane against the plain image's (or its mirror image's)."""
+    width = geometry.width
+    guess = ScheduleCipher(estimate, geometry).decrypt_planes(encrypted)[..., :width, :]
+    target = rgb_to_stacked_ycbcr(plain)[..., :width, None]
+    return np.maximum(ssim(guess, target), ssim(guess, target[:, :, ::-1]))
