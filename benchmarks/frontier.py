@@ -16,6 +16,9 @@ row, scored against the truth:
   the recovered schedule (under per-image keys, the other images have other keys);
 * one image at a time: each upload alone (the product's per-image attack).
 
+Gray rows are scored as the audit scores them: the layout is the Y plane's, the verdict takes the
+better of the RGB and the Y plane's SSIM (``luma_ssim`` in the record; the table shows RGB SSIM).
+
 Federated rows send no images: the cloud sees trunk updates (the sum only, with SecAgg+), so no
 image attack applies. Results accumulate in ``out/results.json`` (one record per cell, its config
 and code version); ``only_cells`` runs a subset, ``attacks_only`` fills the attack columns alone.
@@ -50,6 +53,7 @@ from mlcore.settings import bounded, range_errors
 from orchestrator.config import ConfigError, load_dataclass
 from owners.attacks.ciphertext_only import ciphertext_only_attack
 from owners.attacks.known_plaintext import known_plaintext_attack
+from owners.attacks.luma import luma_arrangement, luma_ssim
 from owners.attacks.per_image import per_image_attack
 from owners.attacks.prior import NaturalImagePrior
 from owners.attacks.scoring import Score, score_attack
@@ -208,7 +212,7 @@ def attack_columns(cell: CellSpec, shares, prior_dir: Path, cfg: FrontierConfig,
         report = run_audit(_folder(work / "attacked", owner), secret, geometry, task.codec, plan, prior_data=prior_dir)
     except AuditError as exc:
         return {"note": f"not measured: {exc}"}
-    return {row.attack: _result(row.score, row.images, row.scored, row.seconds) for row in report.rows}
+    return {row.attack: _result(row.score, row.images, row.scored, row.seconds, row.luma_ssim) for row in report.rows}
 
 
 def per_image_key_attacks(images: np.ndarray, prior: NaturalImagePrior, geometry: CipherGeometry, task: Task,
@@ -217,34 +221,45 @@ def per_image_key_attacks(images: np.ndarray, prior: NaturalImagePrior, geometry
     ciphers = [BlockCipher(key_for(f"image{i}", seed).secret, geometry) for i in range(len(images))]
     stored = np.concatenate([as_uploaded(c, task.codec, images[i:i + 1]) for i, c in enumerate(ciphers)])
 
-    def scored(estimates, indices):
-        return [score_attack(e, ciphers[i].schedule, geometry, stored[i:i + 1], images[i:i + 1])
-                for e, i in zip(estimates, indices)]
+    def scored(estimates, indices) -> tuple[list[Score], list[float] | None]:
+        """Each estimate against its image's own key; gray: the Y plane's layout and SSIM too, as the audit."""
+        scores = [score_attack(e, ciphers[i].schedule, geometry, stored[i:i + 1], images[i:i + 1])
+                  for e, i in zip(estimates, indices)]
+        if geometry.scheme != "gray":
+            return scores, None
+        scores = [dataclasses.replace(s, arrangement=luma_arrangement(e, ciphers[i].schedule, geometry))
+                  for s, e, i in zip(scores, estimates, indices)]
+        return scores, [float(luma_ssim(e, geometry, stored[i:i + 1], images[i:i + 1])[0])
+                        for e, i in zip(estimates, indices)]
 
     others = range(1, len(images))
     started = time.perf_counter()
     alone = [ciphertext_only_attack(stored[i:i + 1], geometry, prior) for i in others]
-    out = {"ciphertext only": _mean(scored(alone, others), 1, time.perf_counter() - started)}
+    out = {"ciphertext only": _mean(*scored(alone, others), 1, time.perf_counter() - started)}
     started = time.perf_counter()
     pair = known_plaintext_attack(images[:1], stored[:1], geometry)  # image 0's key, tried on every other image
-    out["known plaintext"] = _mean(scored([pair] * len(others), others), 1, time.perf_counter() - started)
+    out["known plaintext"] = _mean(*scored([pair] * len(others), others), 1, time.perf_counter() - started)
     started = time.perf_counter()
-    out["one image at a time"] = _mean(scored(per_image_attack(stored[1:], geometry, prior), others), 1,
+    out["one image at a time"] = _mean(*scored(per_image_attack(stored[1:], geometry, prior), others), 1,
                                        time.perf_counter() - started)
     return out
 
 
-def _mean(scores: list[Score], held: int, seconds: float) -> dict:
+def _mean(scores: list[Score], luma: list[float] | None, held: int, seconds: float) -> dict:
     fields = ("key", "position", "orientation", "negate", "exact", "exact_up_to_flip", "ssim", "psnr")
     mean = {f: float(np.mean([getattr(s, f) for s in scores])) for f in fields}
     layout = [s.arrangement for s in scores if s.arrangement is not None]
     score = Score(**mean, channels=None, mirrored=False, arrangement=float(np.mean(layout)) if layout else None)
-    return _result(score, held, len(scores), seconds / max(1, len(scores)))
+    return _result(score, held, len(scores), seconds / max(1, len(scores)),
+                   None if luma is None else float(np.mean(luma)))
 
 
-def _result(score: Score, held: int, scored: int, seconds: float) -> dict:
-    return {"images": held, "scored": scored, "seconds": round(seconds, 3), "verdict": verdict_of(score),
-            **score.as_dict()}
+def _result(score: Score, held: int, scored: int, seconds: float, luma_ssim: float | None = None) -> dict:
+    """gray (``luma_ssim``, the Y plane's SSIM): the verdict takes the better SSIM, as the audit's does."""
+    seen = score if luma_ssim is None else dataclasses.replace(score, ssim=max(score.ssim, luma_ssim))
+    luma = {} if luma_ssim is None else {"luma_ssim": round(luma_ssim, 4)}
+    return {"images": held, "scored": scored, "seconds": round(seconds, 3), "verdict": verdict_of(seen),
+            **score.as_dict(), **luma}
 
 
 def _folder(path: Path, share: dict[str, list[Path]]) -> Path:

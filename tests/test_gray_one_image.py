@@ -118,6 +118,7 @@ def test_the_frontier_fills_every_attack_column_of_a_gray_per_image_key_row(tmp_
     for attack in ATTACKS:
         assert "note" not in attacks[attack] and 0 <= attacks[attack]["key"] <= 1, attacks[attack]
     assert attacks["ciphertext only"]["images"] == 1 and attacks["one image at a time"]["scored"] == 2
+    assert all(-1 <= attacks[a]["luma_ssim"] <= 1 and attacks[a]["arrangement"] is not None for a in ATTACKS)
 
 
 def test_the_audit_attacks_gray_one_image_at_a_time_and_scores_its_luma_plane():
