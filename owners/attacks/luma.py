@@ -3,8 +3,10 @@
 A reconstruction whose Y plane is right shows the picture in grey, a privacy loss even where its
 Cb and Cr planes are wrong; SSIM on RGB (:mod:`owners.attacks.scoring`) mixes those wrong colours
 in, and the layout figure there needs a square block grid (the gray cipher plane's three planes
-side by side are not). These score the Y plane alone, each the better of the direct and the
-mirrored reading (a viewer recognises a mirrored picture too).
+side by side are not). These score the Y plane alone, each the best over the whole picture's 8
+turns and flips (and, for SSIM, its negative): a viewer recognises a turned, mirrored or negated
+grey picture, and the gray cipher negates blocks, so one image alone cannot tell the cloud which
+reading is upright. A random key's best reading scores about 0.18 on CIFAR-10 32x32 (40 images).
 """
 from __future__ import annotations
 
@@ -38,8 +40,11 @@ def luma_arrangement(estimate: BlockSchedule, truth: BlockSchedule, geometry: Ci
 
 def luma_ssim(estimate: BlockSchedule, geometry: CipherGeometry, encrypted: np.ndarray,
               plain: np.ndarray) -> np.ndarray:
-    """Per image, SSIM of the estimate's Y plane against the plain image's (or its mirror image's)."""
+    """Per image, SSIM of the estimate's Y plane against the plain image's best reading: any of its 8
+    turns and flips, as it is or negated."""
     width = geometry.width
     guess = ScheduleCipher(estimate, geometry).decrypt_planes(encrypted)[..., :width, :]
     target = rgb_to_stacked_ycbcr(plain)[..., :width, None]
-    return np.maximum(ssim(guess, target), ssim(guess, target[:, :, ::-1]))
+    turns = [np.rot90(target, k=code % 4, axes=(1, 2)) for code in range(4)]
+    readings = [r for turned in turns for flipped in (turned, turned[:, :, ::-1]) for r in (flipped, 255.0 - flipped)]
+    return np.max([ssim(guess, reading) for reading in readings], axis=0)
