@@ -282,6 +282,7 @@ def main() -> None:
     test_dir = work / "test-imgs"
     materialise({c: f[-cfg.test_per_class:] for c, f in all_files.items()}, test_dir)
     results = []
+    version = code_version()  # the commit this process loaded its code from (HEAD may move while it runs)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for k in cfg.owners:
@@ -294,7 +295,7 @@ def main() -> None:
                         continue  # one owner: pooled is shared-key
                     results.append(run_cell(cfg, k, partition, strategy, shares, test_dir, classes, work))
                     r = results[-1]
-                    r.update(code_version=code_version(), config=_jsonable(cfg))
+                    r.update(code_version=version, config=_jsonable(cfg))
                     write_outputs(cfg, [r], quiet=True)  # after every cell: an interrupted run keeps its cells
                     wrong = r["wrong_key_accuracy"]
                     print(f"K={k} {partition} {strategy}: {r['accuracy']:.1%} "
