@@ -53,11 +53,11 @@ from mlcore.settings import bounded, range_errors
 from orchestrator.config import ConfigError, load_dataclass
 from owners.attacks.ciphertext_only import ciphertext_only_attack
 from owners.attacks.known_plaintext import known_plaintext_attack
-from owners.attacks.luma import luma_arrangement, luma_ssim
+from owners.attacks.luma import luma_figures
 from owners.attacks.per_image import per_image_attack
 from owners.attacks.prior import NaturalImagePrior
 from owners.attacks.scoring import Score, score_attack
-from owners.audit import MIN_ATTACKED, AuditError, AuditPlan, as_uploaded, load_images, run_audit, verdict_of
+from owners.audit import MIN_ATTACKED, AuditError, AuditPlan, as_uploaded, load_images, run_audit, verdict_seen
 from owners.cipher import BlockCipher, CipherGeometry
 from protocol.task import Task
 
@@ -221,16 +221,15 @@ def per_image_key_attacks(images: np.ndarray, prior: NaturalImagePrior, geometry
     ciphers = [BlockCipher(key_for(f"image{i}", seed).secret, geometry) for i in range(len(images))]
     stored = np.concatenate([as_uploaded(c, task.codec, images[i:i + 1]) for i, c in enumerate(ciphers)])
 
-    def scored(estimates, indices) -> tuple[list[Score], list[float] | None]:
+    def scored(estimates, indices) -> tuple[list[Score], tuple[float | None, float] | None]:
         """Each estimate against its image's own key; gray: the Y plane's layout and SSIM too, as the audit."""
         scores = [score_attack(e, ciphers[i].schedule, geometry, stored[i:i + 1], images[i:i + 1])
                   for e, i in zip(estimates, indices)]
         if geometry.scheme != "gray":
             return scores, None
-        scores = [dataclasses.replace(s, arrangement=luma_arrangement(e, ciphers[i].schedule, geometry))
-                  for s, e, i in zip(scores, estimates, indices)]
-        return scores, [float(luma_ssim(e, geometry, stored[i:i + 1], images[i:i + 1])[0])
-                        for e, i in zip(estimates, indices)]
+        rows = list(indices)
+        return scores, luma_figures(list(estimates), [ciphers[i].schedule for i in rows], geometry, stored[rows],
+                                    images[rows])
 
     others = range(1, len(images))
     started = time.perf_counter()
@@ -245,20 +244,20 @@ def per_image_key_attacks(images: np.ndarray, prior: NaturalImagePrior, geometry
     return out
 
 
-def _mean(scores: list[Score], luma: list[float] | None, held: int, seconds: float) -> dict:
+def _mean(scores: list[Score], luma: tuple[float | None, float] | None, held: int, seconds: float) -> dict:
+    """``luma``: the gray scheme's Y-plane (layout, SSIM), which stand for the layout and count for the verdict."""
     fields = ("key", "position", "orientation", "negate", "exact", "exact_up_to_flip", "ssim", "psnr")
     mean = {f: float(np.mean([getattr(s, f) for s in scores])) for f in fields}
     layout = [s.arrangement for s in scores if s.arrangement is not None]
-    score = Score(**mean, channels=None, mirrored=False, arrangement=float(np.mean(layout)) if layout else None)
-    return _result(score, held, len(scores), seconds / max(1, len(scores)),
-                   None if luma is None else float(np.mean(luma)))
+    arrangement = luma[0] if luma is not None else float(np.mean(layout)) if layout else None
+    score = Score(**mean, channels=None, mirrored=False, arrangement=arrangement)
+    return _result(score, held, len(scores), seconds / max(1, len(scores)), None if luma is None else luma[1])
 
 
 def _result(score: Score, held: int, scored: int, seconds: float, luma_ssim: float | None = None) -> dict:
     """gray (``luma_ssim``, the Y plane's SSIM): the verdict takes the better SSIM, as the audit's does."""
-    seen = score if luma_ssim is None else dataclasses.replace(score, ssim=max(score.ssim, luma_ssim))
     luma = {} if luma_ssim is None else {"luma_ssim": round(luma_ssim, 4)}
-    return {"images": held, "scored": scored, "seconds": round(seconds, 3), "verdict": verdict_of(seen),
+    return {"images": held, "scored": scored, "seconds": round(seconds, 3), "verdict": verdict_seen(score, luma_ssim),
             **score.as_dict(), **luma}
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from benchmarks._common import ROOT, report
 from owners.attacks.ciphertext_only import ciphertext_only_attack
 from owners.attacks.known_plaintext import known_plaintext_attack
-from owners.attacks.luma import luma_arrangement, luma_ssim
+from owners.attacks.luma import luma_figures
 from owners.attacks.per_image import per_image_attack
 from owners.attacks.per_image_keys import encrypt_each, score_each
 from owners.attacks.prior import NaturalImagePrior
@@ -106,10 +106,8 @@ def one_at_a_time(prior: NaturalImagePrior, plain: np.ndarray, geometry: CipherG
         score = score_each(estimates, truths, geometry, stored, plain)
         if geometry.scheme != "gray":
             return [score]
-        layout = [luma_arrangement(e, t, geometry) for e, t in zip(estimates, truths)]
-        y_ssim = [float(luma_ssim(e, geometry, stored[i:i + 1], plain[i:i + 1])[0]) for i, e in enumerate(estimates)]
-        return [SimpleNamespace(**score.__dict__, luma_layout=None if None in layout else float(np.mean(layout)),
-                                luma_ssim=float(np.mean(y_ssim)))]
+        layout, y_ssim = luma_figures(estimates, list(truths), geometry, stored, plain)
+        return [SimpleNamespace(**score.__dict__, luma_layout=layout, luma_ssim=y_ssim)]
     return attack
 
 
@@ -193,7 +191,10 @@ def main() -> None:
     args = parser.parse_args()
     items = list(scan_image_folder(Path(args.data)).images)
     if args.within_class:
-        start, end = (int(v) for v in args.within_class.split(":"))
+        start, sep, end = args.within_class.partition(":")
+        if not (sep and start.isdigit() and end.isdigit() and int(start) < int(end)):
+            parser.error(f"--within-class {args.within_class!r}: expected START:END with 0 <= START < END")
+        start, end = int(start), int(end)
         items = [it for it, i in zip(items, index_in_class(items)) if start <= i < end]
     np.random.default_rng(0).shuffle(items)
     prior_items, attack_items = items[:args.prior_images], items[args.prior_images:]

@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 from owners.attacks.ciphertext_only import ciphertext_only_attack
 from owners.attacks.common import ScheduleCipher
 from owners.attacks.known_plaintext import known_plaintext_attack
-from owners.attacks.luma import luma_arrangement, luma_ssim
+from owners.attacks.luma import luma_figures
 from owners.attacks.per_image import per_image_attack
 from owners.attacks.per_image_keys import encrypt_each, score_each
 from owners.attacks.prior import NaturalImagePrior
@@ -98,6 +98,12 @@ class AuditReport:
                 "verdict": self.verdict, "thresholds": {"broken": BROKEN, "weak": WEAK},
                 "attacks": [r.as_dict() for r in self.rows],
                 "picture": str(self.picture) if self.picture else None}
+
+
+def verdict_seen(score: Score, luma_ssim: float | None = None) -> str:
+    """The verdict on what the cloud sees best: for the gray scheme (``luma_ssim``, the Y plane's SSIM)
+    a grey picture counts as much as the colour one."""
+    return verdict_of(score if luma_ssim is None else dataclasses.replace(score, ssim=max(score.ssim, luma_ssim)))
 
 
 def verdict_of(score: Score) -> str:
@@ -204,13 +210,10 @@ class _Scorer:
             score = score_attack(estimate, truths[0], self.geometry, stored, plain)
         if self.geometry.scheme != "gray":
             return AttackRow(attack, held, len(plain), score, seconds, verdict_of(score))
-        layout = [luma_arrangement(e, t, self.geometry) for e, t in zip(each, truths)]
-        y_ssim = float(np.mean([luma_ssim(e, self.geometry, stored[i:i + 1], plain[i:i + 1])[0]
-                                for i, e in enumerate(each)]))
-        if None not in layout:
-            score = dataclasses.replace(score, arrangement=float(np.mean(layout)))
-        seen = dataclasses.replace(score, ssim=max(score.ssim, y_ssim))  # what the cloud sees best decides
-        return AttackRow(attack, held, len(plain), score, seconds, verdict_of(seen), y_ssim)
+        layout, y_ssim = luma_figures(each, list(truths), self.geometry, stored, plain)
+        if layout is not None:
+            score = dataclasses.replace(score, arrangement=layout)
+        return AttackRow(attack, held, len(plain), score, seconds, verdict_seen(score, y_ssim), y_ssim)
 
 
 def write_picture(path: Path, plain: np.ndarray, stored: np.ndarray, reconstructions: dict,

@@ -14,12 +14,14 @@ import pytest
 from benchmarks.frontier import ATTACKS, CellSpec, FrontierConfig, attack_columns
 from owners.attacks.ciphertext_only import ciphertext_only_attack
 from owners.attacks.common import make_schedule, mirrored
-from owners.attacks.luma import luma_arrangement, luma_ssim
+from owners.attacks.luma import luma_arrangement, luma_figures, luma_ssim
 from owners.attacks.per_image import per_image_attack
 from owners.attacks.per_image_keys import encrypt_each
 from owners.attacks.prior import NaturalImagePrior
-from owners.audit import AuditPlan, run_audit, table_text
+from owners.attacks.scoring import Score
+from owners.audit import AuditPlan, run_audit, table_text, verdict_seen
 from owners.cipher import (
+    BlockCipher,
     CipherGeometry,
     CloudCanDecrypt,
     derive_schedule,
@@ -91,6 +93,32 @@ def test_luma_scores_read_the_truth_as_right_and_a_stranger_as_wrong():
     assert luma_arrangement(mirrored(truth, GRAY), truth, GRAY) == 1.0  # up to a flip of the whole image
     assert luma_arrangement(derive_schedule(bytes(range(32)), GRAY), truth, GRAY) < 0.4
     assert luma_arrangement(truth, truth, CipherGeometry(32, 64, 8, "gray")) is None  # planes not square
+
+
+def test_luma_ssim_credits_the_grey_picture_turned_mirrored_or_negated_and_not_a_stranger():
+    """What a viewer undoes by eye counts: the true Y plane turned a quarter, mirrored, or negated
+    scores as the plane itself; a random key's reading stays far below."""
+    images = sample(4)
+    stored, truths = encrypt_each(images, GRAY, Codec())
+    own = luma_ssim(truths[0], GRAY, stored[:1], images[:1])[0]
+    assert own > 0.9
+    for change in (lambda y: np.rot90(y, 1, axes=(1, 2)), lambda y: y[:, :, ::-1], lambda y: 255 - y):
+        truth_y = rgb_to_stacked_ycbcr(images[:1])[..., :32]  # the plain Y plane, changed as a whole ...
+        changed = np.repeat(change(truth_y)[..., None], 3, axis=-1).astype(np.uint8)  # ... read as a grey picture
+        assert luma_ssim(truths[0], GRAY, stored[:1], changed)[0] > 0.9 * own
+    strangers = [BlockCipher(bytes([i]) * 32, GRAY).schedule for i in range(4)]
+    layout, stranger = luma_figures(strangers, truths, GRAY, stored, images)
+    assert stranger < 0.5 and layout < 0.5
+    # one estimate for every image is scored in one batch, with the same figures as image by image
+    batch = luma_figures([truths[0]] * 4, [truths[0]] * 4, GRAY, stored[:1].repeat(4, 0), images[:1].repeat(4, 0))
+    assert batch[0] == 1.0 and abs(batch[1] - own) < 1e-9
+
+
+def test_the_gray_verdict_takes_the_better_of_the_colour_and_the_grey_picture():
+    low = Score(key=0.0, position=0.0, orientation=0.0, negate=0.5, exact=0.0, exact_up_to_flip=0.0, ssim=0.05,
+                psnr=10.0, channels=None, mirrored=False, arrangement=0.2)
+    assert verdict_seen(low) == "holds" and verdict_seen(low, 0.1) == "holds"
+    assert verdict_seen(low, 0.36) == "weak" and verdict_seen(low, 0.7) == "broken"
 
 
 def test_the_per_image_key_verdict_on_gray_follows_the_measured_row():

@@ -48,3 +48,15 @@ def luma_ssim(estimate: BlockSchedule, geometry: CipherGeometry, encrypted: np.n
     turns = [np.rot90(target, k=code % 4, axes=(1, 2)) for code in range(4)]
     readings = [r for turned in turns for flipped in (turned, turned[:, :, ::-1]) for r in (flipped, 255.0 - flipped)]
     return np.max([ssim(guess, reading) for reading in readings], axis=0)
+
+
+def luma_figures(estimates: list[BlockSchedule], truths: list[BlockSchedule], geometry: CipherGeometry,
+                 stored: np.ndarray, plain: np.ndarray) -> tuple[float | None, float]:
+    """Each image's estimate against its own truth -> (mean Y-plane layout, None where the plane is not
+    square; mean Y-plane SSIM). One estimate for every image (one key) is decrypted in one batch."""
+    layouts = [luma_arrangement(e, t, geometry) for e, t in zip(estimates, truths)]
+    if all(e is estimates[0] for e in estimates):
+        ssims = luma_ssim(estimates[0], geometry, stored, plain)
+    else:
+        ssims = [luma_ssim(e, geometry, stored[i:i + 1], plain[i:i + 1])[0] for i, e in enumerate(estimates)]
+    return (None if None in layouts else float(np.mean(layouts))), float(np.mean(ssims))
